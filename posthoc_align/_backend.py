@@ -1,0 +1,152 @@
+"""The thin array layer: numpy and torch (CPU or CUDA) behind one compute path.
+
+Every estimator computes through :mod:`torch`, which is a hard dependency of the
+package.  A numpy array is viewed as a CPU tensor without a copy
+(``torch.from_numpy``), so the statistics and the transforms are written once and
+run unchanged on numpy input, on CPU tensors and on CUDA tensors.  This module is
+the only place in the package that looks at the type of an array.
+
+Why torch for numpy input?  Per-language reductions need a segmented sum
+(``index_add_``), which torch runs multi-threaded at memory speed while numpy has
+no equivalent (``np.add.at`` is ~50x slower, one-hot products cost O(L) more
+flops).  One code path also means the GPU gives the CPU result by construction.
+Dask arrays are handled by :mod:`posthoc_align._dask` (block-wise statistics
+reduced in a tree, then the same closed form).
+
+Examples
+--------
+>>> import numpy as np
+>>> from posthoc_align._backend import backend_for
+>>> X = np.ones((3, 2), dtype=np.float32)
+>>> nx = backend_for(X)
+>>> nx.name
+'numpy'
+>>> T = nx.to_torch(X, "cpu")
+>>> nx.from_torch(T * 2, like=X).dtype
+dtype('float32')
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import numpy as np
+import torch
+
+__all__ = ["Backend", "backend_for", "resolve_device", "compute_dtype", "DEVICE_CONSTRAINT"]
+
+#: scikit-learn parameter constraint for ``device=`` parameters.
+DEVICE_CONSTRAINT = [str, torch.device, None]
+
+
+def _kind(a: Any) -> str:
+    if isinstance(a, torch.Tensor):
+        return "torch"
+    mod = type(a).__module__.split(".")[0]
+    if mod == "dask":
+        return "dask"
+    return "numpy"
+
+
+class Backend:
+    """Converts arrays of one library to torch tensors and back.
+
+    Parameters
+    ----------
+    name : {"numpy", "torch"}
+        The library of the caller's arrays.
+    """
+
+    def __init__(self, name: str):
+        self.name = name
+
+    def __repr__(self) -> str:
+        return f"Backend({self.name!r})"
+
+    # -- conversion -----------------------------------------------------------
+    def to_torch(self, X: Any, device: str | torch.device | None = None) -> torch.Tensor:
+        """View ``X`` as a tensor on ``device`` (no copy when already there)."""
+        if self.name == "torch":
+            T = X
+        else:
+            A = np.asarray(X)
+            if not A.flags.writeable:  # torch wants writeable memory; we never write
+                A = A.copy()
+            T = torch.from_numpy(A)
+        if device is not None and T.device != torch.device(device):
+            T = T.to(device, non_blocking=False)
+        return T
+
+    def from_torch(self, T: torch.Tensor, like: Any) -> Any:
+        """Return ``T`` as the caller's array type (device of ``like`` for torch)."""
+        if self.name == "torch":
+            return T.to(like.device) if T.device != like.device else T
+        return T.detach().cpu().numpy()
+
+    def asnumpy(self, X: Any) -> np.ndarray:
+        """A host numpy view or copy of ``X``."""
+        if self.name == "torch":
+            return X.detach().cpu().numpy()
+        return np.asarray(X)
+
+    def device_of(self, X: Any) -> torch.device:
+        return X.device if self.name == "torch" else torch.device("cpu")
+
+
+_BACKENDS = {"numpy": Backend("numpy"), "torch": Backend("torch")}
+
+
+def backend_for(*arrays: Any) -> Backend:
+    """The backend of the given arrays (``None`` skipped); mixed types are an error."""
+    kinds = {_kind(a) for a in arrays if a is not None}
+    if not kinds:
+        return _BACKENDS["numpy"]
+    if len(kinds) != 1:
+        raise TypeError(
+            f"mixed array types {sorted(kinds)}; convert all arrays to one library first"
+        )
+    kind = kinds.pop()
+    if kind == "dask":
+        raise TypeError(
+            "dask arrays are handled block-wise by posthoc_align._dask; "
+            "this code path received one directly"
+        )
+    return _BACKENDS[kind]
+
+
+def resolve_device(device: str | torch.device | None, nx: Backend, X: Any) -> torch.device:
+    """The torch device on which to compute.
+
+    ``"auto"`` (or ``None``) keeps a tensor on its own device and sends numpy
+    input to CUDA when one is available, else the CPU.  ``"cuda"`` without a GPU
+    is an error, not a silent fallback.
+    """
+    if device is None or (isinstance(device, str) and device == "auto"):
+        if nx.name == "torch":
+            return X.device
+        return torch.device("cuda") if torch.cuda.is_available() else torch.device("cpu")
+    dev = torch.device(device)
+    if dev.type == "cuda" and not torch.cuda.is_available():
+        raise ValueError(
+            f"device={device!r} was requested but torch sees no CUDA GPU "
+            f"(torch {torch.__version__}, cuda available: False). "
+            "Use device='cpu' or device='auto'."
+        )
+    return dev
+
+
+def compute_dtype(dtype: torch.dtype) -> torch.dtype:
+    """Working precision for blocks: float32 and float64 kept, everything else float64."""
+    if dtype in (torch.float32, torch.float64):
+        return dtype
+    if dtype in (torch.float16, torch.bfloat16):
+        return torch.float32
+    return torch.float64
+
+
+def output_numpy_dtype(dtype: np.dtype) -> np.dtype:
+    """Output dtype for numpy input: float32/float64 kept, others become float64."""
+    dtype = np.dtype(dtype)
+    if dtype in (np.float32, np.float64):
+        return dtype
+    return np.dtype(np.float64)

@@ -1,0 +1,115 @@
+"""What every posthoc_align estimator shares: validation, metadata, output, saving."""
+
+from __future__ import annotations
+
+import warnings
+from collections.abc import Hashable
+from typing import Any
+
+import numpy as np
+import torch
+from sklearn.base import BaseEstimator, OneToOneFeatureMixin, TransformerMixin
+from sklearn.utils.validation import validate_data
+
+from ._backend import Backend, resolve_device
+from ._validation import check_languages, check_X
+
+__all__ = ["LanguageTransformerMixin", "languages_array"]
+
+
+def languages_array(labels: list[Hashable]) -> np.ndarray:
+    """Sorted 1-D array of language labels (the order of every ``*_`` attribute)."""
+    arr = np.asarray(labels)
+    return np.sort(arr)
+
+
+class LanguageTransformerMixin(OneToOneFeatureMixin, TransformerMixin, BaseEstimator):
+    """Shared plumbing for per-language transformers.
+
+    * ``languages`` (and ``pair_ids`` where used) are per-row metadata,
+      requested by default for ``fit``, ``partial_fit`` and ``transform`` so that
+      Pipelines, ``cross_validate`` and ``GridSearchCV`` route them once
+      ``sklearn.set_config(enable_metadata_routing=True)`` is on
+      (``set_fit_request(languages=False)`` turns it off).
+    * ``fit_transform`` passes the metadata to both ``fit`` and ``transform``
+      (scikit-learn's default drops it before ``transform``).
+    * ``save(path)`` writes safetensors + JSON (see :mod:`posthoc_align.persistence`).
+    """
+
+    __metadata_request__fit = {"languages": True}
+    __metadata_request__partial_fit = {"languages": True}
+    __metadata_request__transform = {"languages": True}
+
+    # -- helpers for subclasses ------------------------------------------------
+    def _validate(self, X: Any, *, reset: bool) -> tuple[Backend, Any, torch.device]:
+        validate_data(self, X, reset=reset, skip_check_array=True)
+        nx, X = check_X(X, estimator=self)
+        return nx, X, resolve_device(getattr(self, "device", "auto"), nx, X)
+
+    def _fitted_codes(
+        self, labels: np.ndarray, codes: np.ndarray, *, policy: str = "error"
+    ) -> tuple[np.ndarray, list[Hashable]]:
+        """Indices into ``languages_`` for each row; -1 marks languages not fitted.
+
+        With ``policy="error"`` an unknown language raises a ValueError listing the
+        fitted languages.
+        """
+        known = {lab: i for i, lab in enumerate(self.languages_.tolist())}
+        lut = np.array([known.get(lab, -1) for lab in labels.tolist()], dtype=np.int64)
+        unknown = [lab for lab, i in zip(labels.tolist(), lut, strict=True) if i < 0]
+        if unknown and policy == "error":
+            raise ValueError(self._unknown_message(unknown))
+        return lut[codes], unknown
+
+    def _unknown_message(self, unknown: list[Hashable]) -> str:
+        return (
+            f"{type(self).__name__}: language(s) {unknown} were not seen during fit "
+            f"(fitted languages: {self.languages_.tolist()}). Fit on rows of those "
+            "languages, or pass languages= at transform if you passed it at fit."
+        )
+
+    # -- scikit-learn API ----------------------------------------------------
+    def fit_transform(self, X, y=None, languages=None, **fit_params):
+        """Fit, then transform ``X`` with the same metadata.
+
+        Unlike scikit-learn's default, ``languages`` reaches ``transform`` too.
+        """
+        self.fit(X, y, languages=languages, **fit_params)
+        return self.transform(X, languages=languages)
+
+    def __sklearn_tags__(self):
+        tags = super().__sklearn_tags__()
+        tags.transformer_tags.preserves_dtype = ["float64", "float32"]
+        return tags
+
+    # -- persistence ------------------------------------------------------------
+    def save(self, path: str) -> None:
+        """Write this estimator to the directory ``path`` (safetensors + JSON, no pickle).
+
+        Load it back with :func:`posthoc_align.load`.
+        """
+        from .persistence import save
+
+        save(self, path)
+
+
+def warn_once(message: str, category: type[Warning] = UserWarning) -> None:
+    warnings.warn(message, category, stacklevel=3)
+
+
+def as_output(nx: Backend, out: torch.Tensor, like: Any) -> Any:
+    """Convert a computed tensor to the caller's array type."""
+    return nx.from_torch(out, like=like)
+
+
+def unknown_policy_message(est: Any, unknown: list[Hashable]) -> str:
+    return (
+        f"{type(est).__name__}: language(s) {unknown} were not seen during fit "
+        f"(fitted languages: {est.languages_.tolist()}). Either fit on rows of those "
+        "languages, or choose another unknown_language policy: 'batch' (use the mean of "
+        "that language's rows in this call) or 'global' (use the mean over all fitted rows)."
+    )
+
+
+def check_languages_for(X: Any, languages: Any) -> tuple[np.ndarray, np.ndarray]:
+    return check_languages(languages, X.shape[0])

@@ -1,0 +1,408 @@
+"""Streaming sufficient statistics per language, in one pass, in float64.
+
+Two moment objects feed every method:
+
+* :class:`LanguageMoments` — per-language row counts, sums and (optionally) sums of
+  squares.  Enough for centring, standardisation, LSAR and the centring inside
+  Procrustes.
+* :class:`PairMoments` — for each language, the cross-product between its rows and
+  their pivot-language partners (rows sharing a ``pair_id``).  Enough for every
+  orthogonal Procrustes map.
+
+Numerics.  Rows are processed in blocks of :data:`BLOCK_ROWS`.  Inside a block the
+work runs in the input precision (float32 stays float32 so the GEMMs and segmented
+sums run at full speed); every block result is added into a float64 accumulator.
+Each language's data are shifted by a fixed reference row (the first row seen of
+that language) before summing, so sums of squares and cross-products do not lose
+precision to large means (the "shifted data" algorithm; Chan, Golub & LeVeque
+1983).  Results therefore agree with a float64 two-pass computation to about
+``sqrt(BLOCK_ROWS) * eps(dtype)`` relative, whatever the chunking of the stream.
+
+No method logic lives here: closed forms are in the file named after the method.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Hashable, Iterator
+from typing import Any
+
+import numpy as np
+import torch
+
+from ._backend import compute_dtype
+from ._validation import raise_non_finite
+
+__all__ = ["BLOCK_ROWS", "LanguageMoments", "PairMoments", "row_blocks"]
+
+#: Rows per block for block-wise statistics and transforms.
+BLOCK_ROWS = 4096
+
+
+def row_blocks(n: int, block: int = BLOCK_ROWS) -> Iterator[slice]:
+    """Slices covering ``range(n)`` in blocks of ``block`` rows."""
+    for start in range(0, n, block):
+        yield slice(start, min(start + block, n))
+
+
+def _labels_list(labels: np.ndarray) -> list[Hashable]:
+    return [lab.item() if isinstance(lab, np.generic) else lab for lab in labels]
+
+
+class LanguageMoments:
+    """Per-language counts, sums and sums of squares of rows, streamed.
+
+    Parameters
+    ----------
+    second_moments : bool, default=False
+        Also accumulate per-dimension sums of squares (for variances).
+
+    Attributes
+    ----------
+    labels : list
+        Languages in order of first appearance.
+    counts : ndarray of shape (n_languages,)
+    shift : ndarray of shape (n_languages, n_features)
+        Reference row of each language (its first row seen), float64.
+    sums, sumsq : ndarray of shape (n_languages, n_features)
+        Sums of ``x - shift`` and of ``(x - shift) ** 2``, float64.
+
+    Examples
+    --------
+    >>> import numpy as np, torch
+    >>> m = LanguageMoments().update(torch.tensor([[1.0], [3.0], [10.0]]),
+    ...                              np.array(["de", "en"]), np.array([1, 1, 0]))
+    >>> m.labels, m.means().ravel().tolist()
+    (['en', 'de'], [2.0, 10.0])
+    """
+
+    def __init__(self, *, second_moments: bool = False):
+        self.second_moments = second_moments
+        self.labels: list[Hashable] = []
+        self.index: dict[Hashable, int] = {}
+        self.counts = np.zeros(0)
+        self.shift: np.ndarray | None = None
+        self.sums: np.ndarray | None = None
+        self.sumsq: np.ndarray | None = None
+
+    # -- streaming ------------------------------------------------------------
+    def _global_codes(self, T: torch.Tensor, labels: np.ndarray, codes: np.ndarray) -> np.ndarray:
+        """Map batch codes to global language indices, registering new languages."""
+        d = T.shape[1]
+        if self.shift is None:
+            self.shift = np.zeros((0, d))
+            self.sums = np.zeros((0, d))
+            self.sumsq = np.zeros((0, d)) if self.second_moments else None
+        lab_list = _labels_list(labels)
+        new = [i for i, lab in enumerate(lab_list) if lab not in self.index]
+        if new:
+            present = np.zeros(len(lab_list), dtype=bool)
+            first = np.full(len(lab_list), -1)
+            uniq, first_pos = np.unique(codes, return_index=True)
+            present[uniq] = True
+            first[uniq] = first_pos
+            new = [i for i in new if present[i]]
+            if new:
+                rows = T[torch.as_tensor(first[new], device=T.device)].to(torch.float64)
+                rows = rows.cpu().numpy()
+                if not np.isfinite(rows).all():
+                    raise_non_finite(T)
+                for i in new:
+                    self.index[lab_list[i]] = len(self.labels)
+                    self.labels.append(lab_list[i])
+                self.shift = np.vstack([self.shift, rows])
+                self.sums = np.vstack([self.sums, np.zeros_like(rows)])
+                self.counts = np.concatenate([self.counts, np.zeros(len(new))])
+                if self.second_moments:
+                    self.sumsq = np.vstack([self.sumsq, np.zeros_like(rows)])
+        lut = np.array([self.index.get(lab, -1) for lab in lab_list], dtype=np.int64)
+        return lut[codes]
+
+    def update(
+        self, T: torch.Tensor, labels: np.ndarray, codes: np.ndarray, *, name: str = "X"
+    ) -> LanguageMoments:
+        """Add the rows of ``T`` (torch, any device) with language ``labels[codes]``."""
+        if T.shape[0] == 0:
+            return self
+        if self.sums is not None and self.sums.shape[1] != T.shape[1]:
+            raise ValueError(
+                f"{name} has {T.shape[1]} features but earlier batches had "
+                f"{self.sums.shape[1]}; every batch must have the same number of columns."
+            )
+        gcodes = self._global_codes(T, labels, codes)
+        L = len(self.labels)
+        dev, cdt = T.device, compute_dtype(T.dtype)
+        g = torch.from_numpy(gcodes).to(dev)
+        shift = torch.from_numpy(self.shift).to(dev, cdt)
+        acc_s = torch.zeros((L, T.shape[1]), dtype=torch.float64, device=dev)
+        acc_q = torch.zeros_like(acc_s) if self.second_moments else None
+        bs = torch.empty((L, T.shape[1]), dtype=cdt, device=dev)
+        for sl in row_blocks(T.shape[0]):
+            gb = g[sl]
+            xs = T[sl].to(cdt) - shift.index_select(0, gb)
+            bs.zero_().index_add_(0, gb, xs)
+            acc_s += bs
+            if acc_q is not None:
+                xs.mul_(xs)
+                bs.zero_().index_add_(0, gb, xs)
+                acc_q += bs
+        if not bool(torch.isfinite(acc_s).all()) or (
+            acc_q is not None and not bool(torch.isfinite(acc_q).all())
+        ):
+            raise_non_finite(T, name)
+        self.sums += acc_s.cpu().numpy()
+        if acc_q is not None:
+            self.sumsq += acc_q.cpu().numpy()
+        self.counts += np.bincount(gcodes, minlength=L)
+        return self
+
+    # -- reading --------------------------------------------------------------
+    @property
+    def n_features(self) -> int:
+        return 0 if self.sums is None else self.sums.shape[1]
+
+    def means(self) -> np.ndarray:
+        """Per-language means, shape (n_languages, n_features), float64."""
+        return self.shift + self.sums / self.counts[:, None]
+
+    def variances(self) -> np.ndarray:
+        """Per-language population variances (ddof=0), float64, clipped at 0."""
+        if not self.second_moments:
+            raise RuntimeError("these moments were accumulated without second moments")
+        c = self.counts[:, None]
+        m = self.sums / c
+        return np.maximum(self.sumsq / c - m * m, 0.0)
+
+    def global_mean(self) -> np.ndarray:
+        """Mean over all rows of all languages."""
+        return (self.shift * self.counts[:, None] + self.sums).sum(0) / self.counts.sum()
+
+    # -- persistence ----------------------------------------------------------
+    def state(self) -> tuple[dict[str, Any], dict[str, np.ndarray]]:
+        meta = {"labels": self.labels, "second_moments": self.second_moments}
+        arrays = {"counts": self.counts}
+        if self.shift is not None:
+            arrays.update(shift=self.shift, sums=self.sums)
+            if self.sumsq is not None:
+                arrays["sumsq"] = self.sumsq
+        return meta, arrays
+
+    @classmethod
+    def from_state(cls, meta: dict[str, Any], arrays: dict[str, np.ndarray]) -> LanguageMoments:
+        m = cls(second_moments=meta["second_moments"])
+        m.labels = list(meta["labels"])
+        m.index = {lab: i for i, lab in enumerate(m.labels)}
+        m.counts = np.asarray(arrays["counts"], dtype=np.float64)
+        if "shift" in arrays:
+            m.shift = np.asarray(arrays["shift"], dtype=np.float64)
+            m.sums = np.asarray(arrays["sums"], dtype=np.float64)
+            if "sumsq" in arrays:
+                m.sumsq = np.asarray(arrays["sumsq"], dtype=np.float64)
+        return m
+
+
+class _RowStore:
+    """Rows kept on the host until their partner arrives (growing buffer)."""
+
+    def __init__(self) -> None:
+        self.rows: torch.Tensor | None = None
+        self.n = 0
+        self.pos: dict[Hashable, int] = {}
+
+    def add(self, rows: torch.Tensor, ids: list[Hashable]) -> None:
+        rows = rows.detach().to("cpu")
+        if self.rows is None:
+            self.rows = torch.empty((max(16, rows.shape[0]), rows.shape[1]), dtype=rows.dtype)
+        need = self.n + rows.shape[0]
+        if need > self.rows.shape[0]:
+            grown = torch.empty((max(need, 2 * self.rows.shape[0]), rows.shape[1]),
+                                dtype=self.rows.dtype)
+            grown[: self.n] = self.rows[: self.n]
+            self.rows = grown
+        self.rows[self.n : need] = rows.to(self.rows.dtype)
+        for k, i in enumerate(ids):
+            self.pos[i] = self.n + k
+        self.n = need
+
+    def lookup(self, ids: list[Hashable]) -> np.ndarray:
+        get = self.pos.get
+        return np.fromiter((get(i, -1) for i in ids), dtype=np.int64, count=len(ids))
+
+    def take(self, positions: np.ndarray) -> torch.Tensor:
+        return self.rows[torch.from_numpy(positions)]
+
+    def remove(self, ids: list[Hashable]) -> None:
+        for i in ids:
+            del self.pos[i]
+        if not self.pos:  # everything consumed: release the memory
+            self.rows, self.n = None, 0
+
+
+class PairMoments:
+    """Cross-products between each language's rows and their pivot partners.
+
+    For every non-pivot language ``l`` and every pair (a, b) of an ``l`` row and the
+    pivot row sharing its ``pair_id``, accumulates (float64, on shifted data
+    ``a' = a - shift_l``, ``b' = b - shift_pivot``)::
+
+        n_l = #pairs,  S_l = sum a' b'^T  (d x d),  sa_l = sum a',  sb_l = sum b'
+
+    Partners may arrive in different batches: pivot rows are kept (host memory,
+    input precision) so later batches can match them, and rows whose pivot partner
+    has not arrived yet wait in a buffer.  :meth:`release` drops both.
+    """
+
+    def __init__(self, pivot: Hashable):
+        self.pivot = pivot
+        self.count: dict[Hashable, int] = {}
+        self.S: dict[Hashable, np.ndarray] = {}
+        self.sa: dict[Hashable, np.ndarray] = {}
+        self.sb: dict[Hashable, np.ndarray] = {}
+        self._pivot_rows = _RowStore()
+        self._pending: dict[Hashable, _RowStore] = {}
+        self.released = False
+
+    def n_pending(self) -> dict[Hashable, int]:
+        """Rows still waiting for a pivot partner, per language."""
+        return {lab: len(st.pos) for lab, st in self._pending.items() if st.pos}
+
+    def _accumulate(self, lab, A: torch.Tensor, B: torch.Tensor, shift_a, shift_b) -> None:
+        """Add pairs (rows of A with rows of B) to language ``lab``'s moments."""
+        dev = A.device
+        cdt = compute_dtype(A.dtype)
+        ka = torch.from_numpy(shift_a).to(dev, cdt)
+        kb = torch.from_numpy(shift_b).to(dev, cdt)
+        d = A.shape[1]
+        S = torch.zeros((d, d), dtype=torch.float64, device=dev)
+        sa = torch.zeros(d, dtype=torch.float64, device=dev)
+        sb = torch.zeros(d, dtype=torch.float64, device=dev)
+        for sl in row_blocks(A.shape[0]):
+            a = A[sl].to(cdt) - ka
+            b = B[sl].to(device=dev, dtype=cdt) - kb
+            S += a.T @ b
+            sa += a.sum(0, dtype=torch.float64)
+            sb += b.sum(0, dtype=torch.float64)
+        if lab not in self.S:
+            self.S[lab] = np.zeros((d, d))
+            self.sa[lab] = np.zeros(d)
+            self.sb[lab] = np.zeros(d)
+            self.count[lab] = 0
+        self.S[lab] += S.cpu().numpy()
+        self.sa[lab] += sa.cpu().numpy()
+        self.sb[lab] += sb.cpu().numpy()
+        self.count[lab] += A.shape[0]
+
+    def update(
+        self,
+        T: torch.Tensor,
+        labels: np.ndarray,
+        codes: np.ndarray,
+        pair_ids: np.ndarray,
+        shifts: LanguageMoments,
+    ) -> PairMoments:
+        """Match this batch's rows with pivot partners and accumulate their products.
+
+        ``shifts`` must already include this batch (it provides each language's
+        reference row).
+        """
+        if self.released:
+            raise RuntimeError(
+                "the pair buffers were released at the end of fit(); to stream batches, "
+                "start with partial_fit() instead of fit()"
+            )
+        lab_list = _labels_list(labels)
+        pid_labels, pid_codes = np.unique(pair_ids, return_inverse=True)
+        pid_codes = pid_codes.reshape(-1)
+        key = codes.astype(np.int64) * len(pid_labels) + pid_codes
+        uniq, first, cnt = np.unique(key, return_index=True, return_counts=True)
+        if (cnt > 1).any():
+            bad = first[np.argmax(cnt > 1)]
+            raise ValueError(
+                f"pair_id {pair_ids[bad]!r} occurs {cnt.max()} times in language "
+                f"{lab_list[codes[bad]]!r}; within one language each pair_id must be unique "
+                "(rows sharing a pair_id are translations in different languages)."
+            )
+        pid_py = pair_ids.tolist()
+        piv_code = lab_list.index(self.pivot) if self.pivot in lab_list else -1
+        if piv_code >= 0:
+            prow = np.flatnonzero(codes == piv_code)
+            ids = [pid_py[i] for i in prow]
+            clash = [i for i in ids if i in self._pivot_rows.pos]
+            if clash:
+                raise ValueError(
+                    f"pair_id {clash[0]!r} of pivot language {self.pivot!r} was already seen "
+                    "in an earlier batch; each pair_id must be unique within a language."
+                )
+            self._pivot_rows.add(T[torch.from_numpy(prow).to(T.device)], ids)
+            # rows from earlier batches that were waiting for these pivot rows
+            for lab, store in self._pending.items():
+                if not store.pos:
+                    continue
+                waiting = [i for i in ids if i in store.pos]
+                if waiting:
+                    A = store.take(store.lookup(waiting)).to(T.device)
+                    B = self._pivot_rows.take(self._pivot_rows.lookup(waiting))
+                    i_l, i_p = shifts.index[lab], shifts.index[self.pivot]
+                    self._accumulate(lab, A, B, shifts.shift[i_l], shifts.shift[i_p])
+                    store.remove(waiting)
+        for c, lab in enumerate(lab_list):
+            if c == piv_code:
+                continue
+            rows = np.flatnonzero(codes == c)
+            if rows.size == 0:
+                continue
+            ids = [pid_py[i] for i in rows]
+            store = self._pending.setdefault(lab, _RowStore())
+            clash = [i for i in ids if i in store.pos]
+            if clash:
+                raise ValueError(
+                    f"pair_id {clash[0]!r} of language {lab!r} was already seen in an earlier "
+                    "batch; each pair_id must be unique within a language."
+                )
+            pos = self._pivot_rows.lookup(ids)
+            hit = pos >= 0
+            if hit.any():
+                A = T[torch.from_numpy(rows[hit]).to(T.device)]
+                B = self._pivot_rows.take(pos[hit])
+                i_l, i_p = shifts.index[lab], shifts.index[self.pivot]
+                self._accumulate(lab, A, B, shifts.shift[i_l], shifts.shift[i_p])
+            if (~hit).any():
+                miss = rows[~hit]
+                store.add(T[torch.from_numpy(miss).to(T.device)], [pid_py[i] for i in miss])
+        return self
+
+    def release(self) -> None:
+        """Drop the row buffers (no further batches will be matched)."""
+        self._pivot_rows = _RowStore()
+        self._pending = {}
+        self.released = True
+
+    def cross_covariance(
+        self, lab: Hashable, mean_a: np.ndarray | None, mean_b: np.ndarray | None,
+        shift_a: np.ndarray, shift_b: np.ndarray,
+    ) -> np.ndarray:
+        """``sum (a - mean_a)(b - mean_b)^T`` over the pairs of ``lab`` (zero means if None)."""
+        S, sa, sb, n = self.S[lab], self.sa[lab], self.sb[lab], self.count[lab]
+        ma = -shift_a if mean_a is None else mean_a - shift_a
+        mb = -shift_b if mean_b is None else mean_b - shift_b
+        return S - np.outer(ma, sb) - np.outer(sa, mb) + n * np.outer(ma, mb)
+
+    def state(self) -> tuple[dict[str, Any], dict[str, np.ndarray]]:
+        labs = list(self.S)
+        meta = {"pivot": self.pivot, "labels": labs,
+                "count": [self.count[lab] for lab in labs]}
+        arrays = {}
+        for k, lab in enumerate(labs):
+            arrays[f"S{k}"], arrays[f"sa{k}"], arrays[f"sb{k}"] = (
+                self.S[lab], self.sa[lab], self.sb[lab])
+        return meta, arrays
+
+    @classmethod
+    def from_state(cls, meta: dict[str, Any], arrays: dict[str, np.ndarray]) -> PairMoments:
+        p = cls(meta["pivot"])
+        for k, lab in enumerate(meta["labels"]):
+            p.S[lab] = np.asarray(arrays[f"S{k}"], dtype=np.float64)
+            p.sa[lab] = np.asarray(arrays[f"sa{k}"], dtype=np.float64)
+            p.sb[lab] = np.asarray(arrays[f"sb{k}"], dtype=np.float64)
+            p.count[lab] = int(meta["count"][k])
+        p.released = True
+        return p

@@ -1,0 +1,170 @@
+"""Input validation shared by every estimator and metric.
+
+Every error says what was wrong and how to fix it.  Nothing here copies the
+caller's data unless a dtype conversion is unavoidable (e.g. integers to float64),
+and nothing mutates it.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import numpy as np
+import torch
+from sklearn.utils import check_array as _sk_check_array
+
+from ._backend import Backend, backend_for
+
+__all__ = [
+    "ALL_ROWS",
+    "check_X",
+    "check_labels",
+    "check_languages",
+    "check_pair_ids",
+    "raise_non_finite",
+]
+
+#: Language label given to every row when ``languages`` is omitted.
+ALL_ROWS = "__all__"
+
+
+def check_X(
+    X: Any,
+    *,
+    ndim: int = 2,
+    name: str = "X",
+    estimator: Any = None,
+    min_rows: int = 1,
+) -> tuple[Backend, Any]:
+    """Validate a data array and return ``(backend, X)``.
+
+    numpy-like input goes through :func:`sklearn.utils.check_array` (lists become
+    arrays, integers become float64, complex and string data are rejected with
+    scikit-learn's messages); float32/float64 arrays are returned without a copy.
+    torch tensors stay tensors on their device.  Finiteness is checked later, in
+    the same pass that computes statistics (see :func:`raise_non_finite`), so
+    validation costs no extra pass over the data.
+    """
+    if isinstance(X, torch.Tensor):
+        if X.ndim != ndim:
+            raise ValueError(
+                f"Expected a {ndim}-D tensor {name} of shape "
+                f"{'(n_rows, n_features)' if ndim == 2 else '(n_rows, n_layers, n_features)'}, "
+                f"got shape {tuple(X.shape)}. "
+                + ("Reshape a single row with X.reshape(1, -1)." if X.ndim == 1 else "")
+            )
+        if X.is_complex() or X.dtype == torch.bool:
+            raise ValueError(f"{name} has dtype {X.dtype}; pass real floating-point data.")
+        if not X.is_floating_point():
+            X = X.to(torch.float64)
+        if X.shape[0] < min_rows:
+            raise ValueError(
+                f"Found array with {X.shape[0]} sample(s) (shape={tuple(X.shape)}) while a "
+                f"minimum of {min_rows} is required."
+            )
+        if X.shape[-1] < 1:
+            raise ValueError(
+                f"Found array with 0 feature(s) (shape={tuple(X.shape)}) while a minimum of 1 "
+                "is required."
+            )
+        return backend_for(X), X
+    kind = type(X).__module__.split(".")[0]
+    if kind == "dask":
+        raise TypeError(
+            "dask arrays are supported through the estimator's fit/transform entry points only"
+        )
+    if isinstance(X, np.ndarray) and X.dtype.kind in "OUS":
+        try:
+            X = X.astype(np.float64)
+        except (TypeError, ValueError) as exc:
+            raise ValueError(
+                f"{name} has non-numeric dtype {X.dtype}; pass floating-point data "
+                "(for text, encode it first, e.g. with posthoc_align.encoders.HFEncoder)."
+            ) from exc
+    X = _sk_check_array(
+        X,
+        dtype=[np.float64, np.float32],
+        ensure_all_finite=False,
+        allow_nd=ndim > 2,
+        ensure_min_samples=min_rows,
+        estimator=estimator,
+        input_name=name,
+    )
+    if X.ndim != ndim:
+        shape = "(n_rows, n_features)" if ndim == 2 else "(n_rows, n_layers, n_features)"
+        raise ValueError(f"Expected a {ndim}-D array {name} of shape {shape}, got shape {X.shape}.")
+    return backend_for(X), X
+
+
+def raise_non_finite(X: Any, name: str = "X", offset: int = 0) -> None:
+    """Raise a ValueError naming the first row of ``X`` that holds NaN or inf."""
+    T = X if isinstance(X, torch.Tensor) else torch.as_tensor(np.asarray(X))
+    bad = ~torch.isfinite(T.reshape(T.shape[0], -1)).all(dim=1)
+    rows = torch.nonzero(bad).flatten()
+    where = f" (first at row {int(rows[0]) + offset}, {int(rows.numel())} row(s) in that block)"
+    raise ValueError(
+        f"Input {name} contains NaN or infinity{where if rows.numel() else ''}. "
+        "Remove or impute those rows (e.g. with sklearn.impute.SimpleImputer) first."
+    )
+
+
+def _to_1d_numpy(values: Any, name: str, n_rows: int) -> np.ndarray:
+    if isinstance(values, torch.Tensor):
+        values = values.detach().cpu().numpy()
+    elif hasattr(values, "compute") and type(values).__module__.split(".")[0] == "dask":
+        values = values.compute()
+    if isinstance(values, str):
+        raise TypeError(
+            f"{name} must be one label per row, got the single string {values!r}. "
+            f"Pass e.g. [{values!r}] * n_rows."
+        )
+    arr = np.asarray(values)
+    if arr.ndim != 1:
+        raise ValueError(f"{name} must be 1-D (one label per row); got shape {arr.shape}.")
+    if arr.shape[0] != n_rows:
+        raise ValueError(
+            f"{name} has {arr.shape[0]} entries but X has {n_rows} rows; "
+            f"pass exactly one {name[:-1] if name.endswith('s') else name} per row of X."
+        )
+    if arr.dtype.kind == "f" and np.isnan(arr).any():
+        raise ValueError(f"{name} contains NaN; every row needs a label.")
+    if arr.dtype.kind == "O":
+        if any(v is None for v in arr.tolist()):
+            raise ValueError(f"{name} contains None; every row needs a label.")
+        kinds = {type(v) for v in arr.tolist()}
+        if len(kinds) > 1 and not all(issubclass(k, (int, np.integer)) for k in kinds):
+            if all(issubclass(k, str | np.str_) for k in kinds):
+                arr = arr.astype(str)
+            else:
+                raise TypeError(
+                    f"{name} mixes label types {sorted(k.__name__ for k in kinds)}; "
+                    "use one type (e.g. all strings)."
+                )
+        else:
+            arr = np.asarray(arr.tolist())
+    return arr
+
+
+def check_labels(values: Any, n_rows: int, name: str) -> tuple[np.ndarray, np.ndarray]:
+    """Return ``(unique_labels, codes)`` for one label per row (host numpy)."""
+    arr = _to_1d_numpy(values, name, n_rows)
+    labels, codes = np.unique(arr, return_inverse=True)
+    return labels, codes.astype(np.int64, copy=False).reshape(-1)
+
+
+def check_languages(languages: Any, n_rows: int) -> tuple[np.ndarray, np.ndarray]:
+    """Return ``(labels, codes)``; ``None`` means every row is one language, :data:`ALL_ROWS`."""
+    if languages is None:
+        return np.array([ALL_ROWS]), np.zeros(n_rows, dtype=np.int64)
+    return check_labels(languages, n_rows, "languages")
+
+
+def check_pair_ids(pair_ids: Any, n_rows: int, *, required_by: str) -> np.ndarray:
+    """Validate ``pair_ids`` (one id per row; rows sharing an id are translations)."""
+    if pair_ids is None:
+        raise ValueError(
+            f"{required_by} needs pair_ids= (one id per row; rows sharing an id are "
+            "translations of each other). With a Pipeline, enable metadata routing and call "
+            "set_fit_request(languages=True, pair_ids=True) on this step."
+        )
+    return _to_1d_numpy(pair_ids, "pair_ids", n_rows)

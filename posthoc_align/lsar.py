@@ -1,0 +1,192 @@
+"""LSAR: low-rank language-subspace removal (Xie et al. 2022)."""
+
+from __future__ import annotations
+
+import numbers
+from typing import Any
+
+import numpy as np
+import torch
+from sklearn.base import _fit_context
+from sklearn.utils._param_validation import Interval
+from sklearn.utils.validation import check_is_fitted
+
+from ._apply import project_out
+from ._backend import DEVICE_CONSTRAINT
+from ._base import LanguageTransformerMixin, languages_array
+from ._stats import LanguageMoments
+from ._validation import check_X  # noqa: F401  (re-exported validation is shared)
+from ._validation import check_languages
+
+__all__ = ["LSAR", "language_subspace"]
+
+
+def language_subspace(means: np.ndarray, device: Any = "cpu") -> tuple[np.ndarray, np.ndarray]:
+    """Right singular vectors and singular values of the centred language means.
+
+    ``M`` (L×d) holds one language mean per row and ``μ`` is the mean of its rows;
+    returns ``(Vᵀ, s)`` from the SVD ``M − μ = U diag(s) Vᵀ`` (float64, torch).
+    """
+    M = torch.from_numpy(np.ascontiguousarray(means, dtype=np.float64)).to(device)
+    _, s, Vh = torch.linalg.svd(M - M.mean(0, keepdim=True), full_matrices=False)
+    return Vh.cpu().numpy(), s.cpu().numpy()
+
+
+class LSAR(LanguageTransformerMixin):
+    """Project the low-rank language subspace out of every representation.
+
+    Xie et al. (2022), "Discovering Low-rank Subspaces for Language-agnostic
+    Multilingual Representations" (EMNLP), §3: stack the language means
+    ``M ∈ R^{L×d}``, subtract their mean ``μ``, and take the top-``r`` right
+    singular vectors ``V_r`` of ``M − μ`` as the language subspace; then::
+
+        x ↦ (I − V_rᵀ V_r) x      for every row, whatever its language
+
+    so ``transform`` needs no language labels.
+
+    Parameters
+    ----------
+    n_components : int, float in (0, 1) or None, default=None
+        Rank ``r`` of the removed subspace. None: ``L − 1`` (all directions in
+        which the language means differ). An int larger than ``L − 1`` is an
+        error. A float picks the smallest ``r`` whose squared singular values
+        hold at least that fraction of the total energy (like PCA).
+    device : {"auto", "cpu", "cuda"} or torch.device, default="auto"
+
+    Attributes
+    ----------
+    languages_ : ndarray of shape (n_languages,)
+    means_ : ndarray of shape (n_languages, n_features)
+        Language means (float64) in the order of ``languages_``.
+    components_ : ndarray of shape (n_components_, n_features)
+        Orthonormal basis of the removed language subspace.
+    singular_values_ : ndarray of shape (min(n_languages, n_features),)
+        All singular values of the centred mean matrix, largest first.
+    explained_energy_ratio_ : ndarray
+        ``singular_values_**2`` over their sum.
+    n_components_ : int
+    n_features_in_ : int
+
+    See Also
+    --------
+    LanguageMeanCentering : subtracts each language's own mean instead.
+
+    Examples
+    --------
+    >>> import numpy as np
+    >>> from posthoc_align import LSAR
+    >>> rng = np.random.default_rng(0)
+    >>> X = rng.normal(size=(300, 5))
+    >>> langs = np.repeat(["en", "fr", "de"], 100)
+    >>> X[langs == "fr", 0] += 3.0                  # a language-specific offset
+    >>> lsar = LSAR().fit(X, languages=langs)
+    >>> lsar.n_components_
+    2
+    >>> Z = lsar.transform(X)
+    >>> bool(np.allclose(Z[langs == "en"].mean(0), Z[langs == "fr"].mean(0)))
+    True
+    """
+
+    __metadata_request__transform: dict = {}
+
+    _parameter_constraints: dict = {
+        "n_components": [
+            Interval(numbers.Integral, 0, None, closed="left"),
+            Interval(numbers.Real, 0, 1, closed="neither"),
+            None,
+        ],
+        "device": DEVICE_CONSTRAINT,
+    }
+
+    def __init__(self, *, n_components: int | float | None = None, device: Any = "auto"):
+        self.n_components = n_components
+        self.device = device
+
+    def _reset(self) -> None:
+        for attr in ("_moments", "languages_", "means_", "components_", "singular_values_",
+                     "explained_energy_ratio_", "n_components_", "n_features_in_",
+                     "feature_names_in_"):
+            if hasattr(self, attr):
+                delattr(self, attr)
+
+    @_fit_context(prefer_skip_nested_validation=True)
+    def fit(self, X, y=None, languages=None):
+        """Find the language subspace from the per-language means.
+
+        Parameters
+        ----------
+        X : array-like or tensor of shape (n_rows, n_features)
+        y : ignored
+        languages : array-like of shape (n_rows,), default=None
+            None means one language: nothing is removed.
+
+        Returns
+        -------
+        self
+        """
+        self._reset()
+        return self._partial_fit(X, languages)
+
+    @_fit_context(prefer_skip_nested_validation=True)
+    def partial_fit(self, X, y=None, languages=None):
+        """Add a batch to the running language means and refit the subspace."""
+        return self._partial_fit(X, languages)
+
+    def _partial_fit(self, X, languages):
+        first = not hasattr(self, "_moments")
+        nx, X, dev = self._validate(X, reset=first)
+        labels, codes = check_languages(languages, X.shape[0])
+        if first:
+            self._moments = LanguageMoments()
+        m = self._moments.update(nx.to_torch(X, dev), labels, codes)
+        order = np.argsort(np.asarray(m.labels), kind="stable")
+        self.languages_ = languages_array(m.labels)
+        self.means_ = m.means()[order]
+        Vh, s = language_subspace(self.means_, dev)
+        L = len(self.languages_)
+        energy = s**2
+        total = energy.sum()
+        self.singular_values_ = s
+        self.explained_energy_ratio_ = energy / total if total > 0 else np.zeros_like(s)
+        r = self._rank(L)
+        self.n_components_ = r
+        self.components_ = np.ascontiguousarray(Vh[:r])
+        return self
+
+    def _rank(self, L: int) -> int:
+        nc = self.n_components
+        max_r = min(L - 1, self.means_.shape[1])
+        if nc is None:
+            return max_r
+        if isinstance(nc, numbers.Integral):
+            if nc > max_r:
+                raise ValueError(
+                    f"n_components={nc} is larger than the rank of the centred language "
+                    f"means, L - 1 = {L - 1} for {L} language(s) "
+                    f"{self.languages_.tolist()}; use n_components <= {max_r} or None."
+                )
+            return int(nc)
+        cum = np.cumsum(self.explained_energy_ratio_)
+        if cum.size == 0 or cum[-1] == 0:
+            return 0
+        return int(min(np.searchsorted(cum, nc - 1e-12) + 1, max_r))
+
+    def transform(self, X):
+        """Remove the language subspace from every row (no languages needed).
+
+        Parameters
+        ----------
+        X : array-like or tensor of shape (n_rows, n_features)
+
+        Returns
+        -------
+        X_new : same type as X
+        """
+        check_is_fitted(self)
+        nx, Xc, dev = self._validate(X, reset=False)
+        out = project_out(nx.to_torch(Xc, dev), self.components_)
+        return nx.from_torch(out, like=Xc)
+
+    def fit_transform(self, X, y=None, languages=None):
+        """Fit on ``X`` with ``languages``, then remove the subspace from ``X``."""
+        return self.fit(X, y, languages=languages).transform(X)

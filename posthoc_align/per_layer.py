@@ -1,0 +1,247 @@
+"""Apply an estimator per layer of a layer stack; RotateAlign on top of it."""
+
+from __future__ import annotations
+
+import inspect
+from collections.abc import Hashable, Sequence
+from typing import Any
+
+import numpy as np
+import torch
+from sklearn.base import BaseEstimator, TransformerMixin, clone
+from sklearn.utils._param_validation import HasMethods
+from sklearn.utils.validation import check_is_fitted
+
+from ._backend import DEVICE_CONSTRAINT
+from ._validation import check_X
+from .procrustes import ProcrustesAligner
+
+__all__ = ["PerLayer", "RotateAlign"]
+
+
+def _accepted(method, **kwargs) -> dict:
+    """The keyword arguments that ``method`` accepts, dropping the others."""
+    params = inspect.signature(method).parameters
+    return {k: v for k, v in kwargs.items() if k in params and v is not None}
+
+
+class PerLayer(TransformerMixin, BaseEstimator, auto_wrap_output_keys=None):
+    """Fit a clone of ``estimator`` on each selected layer of a layer stack.
+
+    Input has shape ``(n_rows, n_layers, n_features)`` — e.g. the output of
+    :meth:`posthoc_align.encoders.HFEncoder.encode`, where index 0 is the embedding
+    output and ``i`` the output of layer ``i``. Each selected layer gets its own
+    clone, fitted on ``X[:, i, :]``; the other layers pass through unchanged.
+
+    Parameters
+    ----------
+    estimator : estimator
+        Any posthoc_align transformer (or scikit-learn transformer); cloned per
+        layer. ``languages``/``pair_ids`` are passed to it where its methods
+        accept them.
+    layers : "all", int or sequence of int, default="all"
+        Layers to transform; negative indices count from the last layer.
+
+    Attributes
+    ----------
+    layers_ : tuple of int
+        Selected layers as non-negative indices.
+    estimators_ : list of estimators
+        Fitted clone per entry of ``layers_``.
+    n_layers_in_ : int
+    n_features_in_ : int
+        Features per layer.
+
+    Examples
+    --------
+    >>> import numpy as np
+    >>> from posthoc_align import LanguageMeanCentering, PerLayer
+    >>> X = np.arange(24, dtype=float).reshape(4, 3, 2)
+    >>> pl = PerLayer(LanguageMeanCentering(), layers=[-1]).fit(X, languages=list("aabb"))
+    >>> Z = pl.transform(X, languages=list("aabb"))
+    >>> bool(np.array_equal(Z[:, :2], X[:, :2])), Z[:, 2].tolist()
+    (True, [[-3.0, -3.0], [3.0, 3.0], [-3.0, -3.0], [3.0, 3.0]])
+    """
+
+    __metadata_request__fit = {"languages": True, "pair_ids": True}
+    __metadata_request__partial_fit = {"languages": True, "pair_ids": True}
+    __metadata_request__transform = {"languages": True}
+
+    _parameter_constraints: dict = {
+        "estimator": [HasMethods(["fit", "transform"])],
+        "layers": [str, int, Sequence],
+    }
+
+    def __init__(self, estimator: Any, *, layers: str | int | Sequence[int] = "all"):
+        self.estimator = estimator
+        self.layers = layers
+
+    def _make_estimator(self):
+        return clone(self.estimator)
+
+    def _resolve_layers(self, n_layers: int) -> tuple[int, ...]:
+        layers = self.layers
+        if isinstance(layers, str):
+            if layers != "all":
+                raise ValueError(f"layers={layers!r}: use 'all', an int or a sequence of ints")
+            return tuple(range(n_layers))
+        if isinstance(layers, int | np.integer):
+            layers = [layers]
+        out = []
+        for i in layers:
+            if not isinstance(i, int | np.integer):
+                raise TypeError(f"layers must hold ints, got {i!r}")
+            j = int(i) + n_layers if i < 0 else int(i)
+            if not 0 <= j < n_layers:
+                raise ValueError(
+                    f"layer {i} is out of range for input with {n_layers} layers "
+                    f"(valid: {-n_layers}..{n_layers - 1})."
+                )
+            out.append(j)
+        if len(set(out)) != len(out):
+            raise ValueError(f"layers {list(layers)} name the same layer twice")
+        return tuple(out)
+
+    def _check_3d(self, X, *, reset: bool):
+        nx, X = check_X(X, ndim=3, estimator=self)
+        if reset:
+            self.n_layers_in_, self.n_features_in_ = int(X.shape[1]), int(X.shape[2])
+        elif (X.shape[1], X.shape[2]) != (self.n_layers_in_, self.n_features_in_):
+            raise ValueError(
+                f"X has {X.shape[1]} layers of {X.shape[2]} features, but "
+                f"{type(self).__name__} was fitted on {self.n_layers_in_} layers of "
+                f"{self.n_features_in_} features."
+            )
+        return nx, X
+
+    def fit(self, X, y=None, languages=None, pair_ids=None):
+        """Fit one clone per selected layer.
+
+        Parameters
+        ----------
+        X : array-like or tensor of shape (n_rows, n_layers, n_features)
+        y : ignored
+        languages, pair_ids : array-like of shape (n_rows,), optional
+            Passed to each clone where accepted.
+
+        Returns
+        -------
+        self
+        """
+        _, X = self._check_3d(X, reset=True)
+        self.layers_ = self._resolve_layers(X.shape[1])
+        self.estimators_ = []
+        for i in self.layers_:
+            est = self._make_estimator()
+            est.fit(X[:, i, :], **_accepted(est.fit, languages=languages, pair_ids=pair_ids))
+            self.estimators_.append(est)
+        return self
+
+    def partial_fit(self, X, y=None, languages=None, pair_ids=None):
+        """Stream a batch into every layer's clone."""
+        first = not hasattr(self, "estimators_")
+        _, X = self._check_3d(X, reset=first)
+        if first:
+            self.layers_ = self._resolve_layers(X.shape[1])
+            self.estimators_ = [self._make_estimator() for _ in self.layers_]
+        for i, est in zip(self.layers_, self.estimators_, strict=True):
+            est.partial_fit(
+                X[:, i, :], **_accepted(est.partial_fit, languages=languages, pair_ids=pair_ids)
+            )
+        return self
+
+    def transform(self, X, languages=None):
+        """Transform the selected layers; other layers are copied unchanged.
+
+        Returns
+        -------
+        X_new : same type as X, shape (n_rows, n_layers, n_features)
+        """
+        check_is_fitted(self)
+        nx, X = self._check_3d(X, reset=False)
+        if nx.name == "torch":
+            out = X.clone() if X.dtype in (torch.float32, torch.float64) else X.double()
+        else:
+            out = np.array(X, dtype=X.dtype if X.dtype in (np.float32, np.float64) else float)
+        for i, est in zip(self.layers_, self.estimators_, strict=True):
+            out[:, i, :] = est.transform(X[:, i, :], **_accepted(est.transform,
+                                                                 languages=languages))
+        return out
+
+    def fit_transform(self, X, y=None, languages=None, pair_ids=None):
+        """Fit, then transform ``X`` (languages reach both steps)."""
+        return self.fit(X, y, languages=languages, pair_ids=pair_ids).transform(
+            X, languages=languages
+        )
+
+    def save(self, path: str) -> None:
+        """Write to the directory ``path`` (safetensors + JSON, no pickle)."""
+        from .persistence import save
+
+        save(self, path)
+
+    def __sklearn_tags__(self):
+        tags = super().__sklearn_tags__()
+        tags.input_tags.two_d_array = False
+        tags.input_tags.three_d_array = True
+        return tags
+
+
+class RotateAlign(PerLayer):
+    """RotateAlign (Kulshreshtha et al. 2020): Procrustes to a pivot on chosen layers.
+
+    One :class:`ProcrustesAligner` per selected layer of a layer stack
+    ``(n_rows, n_layers, n_features)``; the other layers pass through unchanged.
+    Kulshreshtha et al. (2020), "Cross-lingual Alignment Methods for Multilingual
+    BERT: A Comparative Study", §3.1, rotate the last layers into English after
+    language centring, following Wang et al. (2019).
+
+    Parameters
+    ----------
+    layers : int or sequence of int, default=(-4, -3, -2, -1)
+        Layers to rotate (negative from the last).
+    pivot : hashable, default="en"
+    center : bool, default=True
+        Centre each language by its own mean (see :class:`ProcrustesAligner`).
+    device : {"auto", "cpu", "cuda"} or torch.device, default="auto"
+
+    Attributes
+    ----------
+    layers_ : tuple of int
+    estimators_ : list of ProcrustesAligner
+
+    Examples
+    --------
+    >>> import numpy as np
+    >>> from posthoc_align import RotateAlign
+    >>> rng = np.random.default_rng(0)
+    >>> en = rng.normal(size=(40, 5, 3))
+    >>> X = np.concatenate([en, en[:, :, ::-1]])      # "fr" = permuted coordinates
+    >>> langs, ids = ["en"] * 40 + ["fr"] * 40, list(range(40)) * 2
+    >>> Z = RotateAlign(layers=(-1,)).fit_transform(X, languages=langs, pair_ids=ids)
+    >>> bool(np.allclose(Z[40:, -1], Z[:40, -1]))
+    True
+    """
+
+    _parameter_constraints: dict = {
+        "layers": [str, int, Sequence],
+        "pivot": [Hashable],
+        "center": ["boolean"],
+        "device": DEVICE_CONSTRAINT,
+    }
+
+    def __init__(
+        self,
+        *,
+        layers: int | Sequence[int] = (-4, -3, -2, -1),
+        pivot: Hashable = "en",
+        center: bool = True,
+        device: Any = "auto",
+    ):
+        self.layers = layers
+        self.pivot = pivot
+        self.center = center
+        self.device = device
+
+    def _make_estimator(self):
+        return ProcrustesAligner(pivot=self.pivot, center=self.center, device=self.device)

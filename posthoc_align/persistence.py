@@ -1,0 +1,230 @@
+"""Save and load fitted estimators without pickle: safetensors arrays + JSON.
+
+A saved estimator is a directory::
+
+    config.json          format, format version, library version, class name,
+                         parameters, JSON-able learned attributes, checksum
+    arrays.safetensors   every numeric learned array (float64 kept)
+    <child>/             nested estimators (e.g. one per layer of RotateAlign)
+
+Loading runs no code from the files: the class is looked up by name among the
+package's own estimators, and arrays are read by safetensors. A modified or
+foreign file gives a clear error.
+
+Examples
+--------
+>>> import numpy as np, tempfile
+>>> from posthoc_align import LanguageMeanCentering, load
+>>> est = LanguageMeanCentering().fit(np.eye(3), languages=["a", "b", "b"])
+>>> with tempfile.TemporaryDirectory() as d:
+...     est.save(d + "/centering")
+...     again = load(d + "/centering")
+>>> bool(np.array_equal(again.means_, est.means_))
+True
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import warnings
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+from sklearn.base import BaseEstimator
+
+from ._stats import LanguageMoments, PairMoments
+from ._version import __version__
+
+__all__ = ["save", "load", "FORMAT", "FORMAT_VERSION"]
+
+FORMAT = "posthoc_align.estimator"
+FORMAT_VERSION = 1
+_CONFIG = "config.json"
+_ARRAYS = "arrays.safetensors"
+_OBJECTS = {"LanguageMoments": LanguageMoments, "PairMoments": PairMoments}
+
+
+def _registry() -> dict[str, type]:
+    import posthoc_align
+
+    return {
+        name: obj
+        for name in posthoc_align.__all__
+        if isinstance(obj := getattr(posthoc_align, name), type)
+        and issubclass(obj, BaseEstimator)
+    }
+
+
+def _json_value(v: Any) -> Any:
+    """Encode a value as JSON, tagging tuples, numpy arrays/scalars and non-str-key dicts."""
+    if isinstance(v, np.generic):
+        return v.item()
+    if isinstance(v, tuple):
+        return {"__tuple__": [_json_value(x) for x in v]}
+    if isinstance(v, list):
+        return [_json_value(x) for x in v]
+    if isinstance(v, dict):
+        return {"__dict__": [[_json_value(k), _json_value(x)] for k, x in v.items()]}
+    if isinstance(v, np.ndarray):
+        return {"__ndarray__": [_json_value(x) for x in v.tolist()], "dtype": v.dtype.str
+                if v.dtype.kind != "O" else "O", "shape": list(v.shape)}
+    if v is None or isinstance(v, bool | int | float | str):
+        return v
+    raise TypeError(f"cannot store {type(v).__name__} value {v!r} as JSON")
+
+
+def _from_json(v: Any) -> Any:
+    if isinstance(v, list):
+        return [_from_json(x) for x in v]
+    if isinstance(v, dict):
+        if "__tuple__" in v:
+            return tuple(_from_json(x) for x in v["__tuple__"])
+        if "__dict__" in v:
+            return {_hashable(_from_json(k)): _from_json(x) for k, x in v["__dict__"]}
+        if "__ndarray__" in v:
+            dtype = object if v["dtype"] == "O" else np.dtype(v["dtype"])
+            return np.array(v["__ndarray__"], dtype=dtype).reshape(v["shape"])
+        raise ValueError(f"unexpected JSON object {sorted(v)}")
+    return v
+
+
+def _hashable(k: Any) -> Any:
+    return tuple(k) if isinstance(k, list) else k
+
+
+def save(est: BaseEstimator, path: str | Path) -> None:
+    """Write ``est`` to the directory ``path`` (created; existing files replaced).
+
+    Parameters
+    ----------
+    est : posthoc_align estimator
+    path : str or Path
+    """
+    from safetensors.numpy import save_file
+
+    path = Path(path)
+    cls = type(est).__name__
+    if _registry().get(cls) is not type(est):
+        raise TypeError(
+            f"{cls} is not a posthoc_align estimator and cannot be saved without pickle; "
+            "use joblib.dump for it."
+        )
+    path.mkdir(parents=True, exist_ok=True)
+    arrays: dict[str, np.ndarray] = {}
+    params, attrs, objects, children = {}, {}, {}, {}
+    for k, v in est.get_params(deep=False).items():
+        if isinstance(v, BaseEstimator):
+            save(v, path / f"param.{k}")
+            children[f"param.{k}"] = k
+        else:
+            params[k] = _json_value(v)
+    for k, v in vars(est).items():
+        if k in ("_moments", "_pairs") and isinstance(v, LanguageMoments | PairMoments):
+            meta, arrs = v.state()
+            objects[k] = {"type": type(v).__name__, "meta": _json_value(meta)}
+            for name, a in arrs.items():
+                arrays[f"{k}/{name}"] = np.ascontiguousarray(a)
+            continue
+        if not k.endswith("_") or k.startswith("_"):
+            continue
+        if isinstance(v, np.ndarray) and v.dtype.kind in "fiub":
+            arrays[k] = np.ascontiguousarray(v)
+        elif isinstance(v, list) and v and all(isinstance(e, BaseEstimator) for e in v):
+            for i, e in enumerate(v):
+                save(e, path / f"{k}.{i}")
+            children[k] = len(v)
+        else:
+            attrs[k] = _json_value(v)
+    save_file(arrays, str(path / _ARRAYS))
+    digest = hashlib.sha256((path / _ARRAYS).read_bytes()).hexdigest()
+    config = {
+        "format": FORMAT,
+        "format_version": FORMAT_VERSION,
+        "library_version": __version__,
+        "class": cls,
+        "params": params,
+        "attributes": attrs,
+        "objects": objects,
+        "children": children,
+        "arrays_sha256": digest,
+    }
+    (path / _CONFIG).write_text(json.dumps(config, indent=1))
+
+
+def load(path: str | Path) -> BaseEstimator:
+    """Load an estimator written by ``save`` / ``est.save(path)``.
+
+    Raises
+    ------
+    FileNotFoundError
+        ``path`` does not exist.
+    ValueError
+        ``path`` is not a posthoc_align save, was written by a newer format, or
+        its files were modified.
+    """
+    from safetensors import SafetensorError
+    from safetensors.numpy import load_file
+
+    path = Path(path)
+    if not path.exists():
+        raise FileNotFoundError(f"{path} does not exist")
+    cfg_file, arr_file = path / _CONFIG, path / _ARRAYS
+    if not cfg_file.is_file() or not arr_file.is_file():
+        raise ValueError(
+            f"{path} is not a saved posthoc_align estimator: expected {_CONFIG} and {_ARRAYS} "
+            "inside (write one with est.save(path))."
+        )
+    try:
+        cfg = json.loads(cfg_file.read_text())
+    except (json.JSONDecodeError, UnicodeDecodeError) as exc:
+        raise ValueError(f"{cfg_file} is not valid JSON ({exc}); the save is corrupted") from exc
+    if not isinstance(cfg, dict) or cfg.get("format") != FORMAT:
+        raise ValueError(f"{cfg_file} is not a posthoc_align estimator config")
+    if cfg.get("format_version", 0) > FORMAT_VERSION:
+        raise ValueError(
+            f"{path} uses format version {cfg['format_version']}, newer than this library's "
+            f"{FORMAT_VERSION} (posthoc_align {__version__}); upgrade posthoc_align."
+        )
+    if cfg.get("library_version") != __version__:
+        warnings.warn(
+            f"{path} was written by posthoc_align {cfg.get('library_version')}; this is "
+            f"{__version__}.",
+            UserWarning,
+            stacklevel=2,
+        )
+    raw = arr_file.read_bytes()
+    if hashlib.sha256(raw).hexdigest() != cfg.get("arrays_sha256"):
+        raise ValueError(
+            f"{arr_file} does not match the checksum in {_CONFIG}: the file was modified or "
+            "corrupted. Save the estimator again."
+        )
+    try:
+        arrays = load_file(str(arr_file))
+    except SafetensorError as exc:  # pragma: no cover - checksum catches it first
+        raise ValueError(f"{arr_file} is not a valid safetensors file: {exc}") from exc
+    cls = _registry().get(cfg.get("class"))
+    if cls is None:
+        raise ValueError(f"{path}: unknown estimator class {cfg.get('class')!r}")
+    try:
+        params = {k: _from_json(v) for k, v in cfg["params"].items()}
+        for child, k in cfg["children"].items():
+            if child.startswith("param."):
+                params[k] = load(path / child)
+        est = cls(**params)
+        for k, v in cfg["attributes"].items():
+            setattr(est, k, _from_json(v))
+        for k, v in cfg["children"].items():
+            if not k.startswith("param."):
+                setattr(est, k, [load(path / f"{k}.{i}") for i in range(int(v))])
+        for k, spec in cfg["objects"].items():
+            prefix = f"{k}/"
+            arrs = {n[len(prefix):]: a for n, a in arrays.items() if n.startswith(prefix)}
+            setattr(est, k, _OBJECTS[spec["type"]].from_state(_from_json(spec["meta"]), arrs))
+        for k, a in arrays.items():
+            if "/" not in k:
+                setattr(est, k, a)
+    except (KeyError, TypeError, AttributeError) as exc:
+        raise ValueError(f"{path}: the saved configuration is incomplete or altered ({exc})")
+    return est

@@ -1,0 +1,287 @@
+"""Orthogonal Procrustes maps of every language into a pivot language."""
+
+from __future__ import annotations
+
+import warnings
+from collections.abc import Hashable
+from typing import Any
+
+import numpy as np
+import torch
+from sklearn.base import _fit_context
+from sklearn.utils.validation import check_is_fitted
+
+from ._apply import affine_by_language
+from ._backend import DEVICE_CONSTRAINT
+from ._base import LanguageTransformerMixin, languages_array
+from ._stats import LanguageMoments, PairMoments
+from ._validation import check_languages, check_pair_ids
+
+__all__ = ["ProcrustesAligner", "orthogonal_map"]
+
+
+def orthogonal_map(cross: np.ndarray, device: Any = "cpu") -> np.ndarray:
+    """The orthogonal ``W`` minimising ``‖A W − B‖_F`` given ``cross = AᵀB``.
+
+    Schönemann (1966): with the SVD ``AᵀB = U Σ Vᵀ``, ``W = U Vᵀ``. The SVD runs
+    in float64 with ``torch.linalg.svd`` on ``device``.
+
+    Examples
+    --------
+    >>> import numpy as np
+    >>> W = orthogonal_map(np.array([[0.0, 2.0], [-1.0, 0.0]]))
+    >>> np.allclose(W @ W.T, np.eye(2))
+    True
+    """
+    C = torch.from_numpy(np.ascontiguousarray(cross, dtype=np.float64)).to(device)
+    U, _, Vh = torch.linalg.svd(C, full_matrices=False)
+    return (U @ Vh).cpu().numpy()
+
+
+class ProcrustesAligner(LanguageTransformerMixin):
+    """Rotate every language into the pivot language's space.
+
+    Wang et al. (2019), "Cross-lingual BERT transformation for zero-shot
+    dependency parsing", §3 (Eq. 3–4), as used per layer by Kulshreshtha et al.
+    (2020), "Cross-lingual alignment methods for multilingual BERT" (RotateAlign).
+    For each non-pivot language ``l``, with ``A`` its rows and ``B`` their pivot
+    translations (rows sharing a ``pair_id``), solve::
+
+        W_l = argmin_{WᵀW = I} ‖A W − B‖_F = U Vᵀ,   U Σ Vᵀ = AᵀB   (Schönemann 1966)
+
+    With ``center=True`` every language (the pivot too) is first centred by its own
+    mean over *all* its fitted rows (the language-centring normalisation of
+    Kulshreshtha et al. §3), so ``A`` and ``B`` are centred and ``transform`` maps
+    ``x ↦ (x − μ_l) W_l``; pivot rows become ``x − μ_pivot``. The pivot mean is
+    **not** added back: every language, the pivot included, ends in the centred
+    pivot frame (add ``means_[languages_ == pivot]`` yourself for the raw pivot
+    frame). With ``center=False``: ``x ↦ x W_l`` and pivot rows are unchanged.
+
+    Sentence pairs and dictionary word pairs are the same mechanism: rows that
+    share a ``pair_id`` are translations. A ``pair_id`` may occur in any number of
+    languages; each non-pivot language is paired with the pivot row of its id.
+
+    Parameters
+    ----------
+    pivot : hashable, default="en"
+        The target language; it must occur in the fitted data.
+    center : bool, default=True
+        Centre every language by its own mean before fitting and at transform.
+    device : {"auto", "cpu", "cuda"} or torch.device, default="auto"
+        Where products and the SVD run.
+
+    Attributes
+    ----------
+    languages_ : ndarray of shape (n_languages,)
+        Sorted fitted languages (pivot included).
+    means_ : ndarray of shape (n_languages, n_features)
+        Per-language means over all fitted rows.
+    rotations_ : ndarray of shape (n_languages, n_features, n_features)
+        ``W_l`` per language (identity for the pivot), applied as ``x @ W_l``.
+    n_pairs_ : dict
+        Number of pivot pairs per non-pivot language.
+    n_features_in_ : int
+
+    See Also
+    --------
+    RotateAlign : one aligner per layer of a layer stack.
+
+    Notes
+    -----
+    One streaming pass: per-language sums and, per language, the d×d
+    cross-product with its pivot partners, accumulated in float64; the centred
+    cross-covariance is formed from these moments (no second pass), then one
+    d×d SVD per language. No n×n matrix is formed. ``partial_fit`` may receive a
+    row before its pivot partner: pivot rows, and rows still waiting for their
+    partner, are buffered until then (``fit`` drops the buffers at its end).
+    Fewer pairs than dimensions leave the rotation non-unique (a warning).
+
+    Examples
+    --------
+    >>> import numpy as np
+    >>> from scipy.stats import ortho_group
+    >>> from posthoc_align import ProcrustesAligner
+    >>> rng = np.random.default_rng(0)
+    >>> en = rng.normal(size=(50, 4))
+    >>> R = ortho_group.rvs(4, random_state=0)
+    >>> X = np.vstack([en, en @ R.T])               # "fr" rows are rotated "en" rows
+    >>> langs = ["en"] * 50 + ["fr"] * 50
+    >>> ids = list(range(50)) * 2
+    >>> Z = ProcrustesAligner(pivot="en").fit_transform(X, languages=langs, pair_ids=ids)
+    >>> bool(np.allclose(Z[50:], Z[:50]))
+    True
+    """
+
+    __metadata_request__fit = {"languages": True, "pair_ids": True}
+    __metadata_request__partial_fit = {"languages": True, "pair_ids": True}
+
+    _parameter_constraints: dict = {
+        "pivot": [Hashable],
+        "center": ["boolean"],
+        "device": DEVICE_CONSTRAINT,
+    }
+
+    def __init__(self, *, pivot: Hashable = "en", center: bool = True, device: Any = "auto"):
+        self.pivot = pivot
+        self.center = center
+        self.device = device
+
+    def _reset(self) -> None:
+        for attr in ("_moments", "_pairs", "languages_", "means_", "rotations_", "n_pairs_",
+                     "n_features_in_", "feature_names_in_", "unpaired_languages_"):
+            if hasattr(self, attr):
+                delattr(self, attr)
+
+    @_fit_context(prefer_skip_nested_validation=True)
+    def fit(self, X, y=None, languages=None, pair_ids=None):
+        """Fit one orthogonal map per non-pivot language.
+
+        Parameters
+        ----------
+        X : array-like or tensor of shape (n_rows, n_features)
+        y : ignored
+        languages : array-like of shape (n_rows,)
+            Language of each row; the pivot must be among them.
+        pair_ids : array-like of shape (n_rows,)
+            Rows sharing an id are translations.
+
+        Returns
+        -------
+        self
+        """
+        self._reset()
+        self._partial_fit(X, languages, pair_ids)
+        self._check_complete()
+        self._pairs.release()
+        return self
+
+    @_fit_context(prefer_skip_nested_validation=True)
+    def partial_fit(self, X, y=None, languages=None, pair_ids=None):
+        """Add a batch of rows; partners may come in different batches.
+
+        Languages with no pivot pair yet are listed in ``unpaired_languages_`` and
+        cannot be transformed until their pairs arrive.
+        """
+        return self._partial_fit(X, languages, pair_ids)
+
+    def _partial_fit(self, X, languages, pair_ids):
+        first = not hasattr(self, "_moments")
+        if languages is None:
+            raise ValueError(
+                "ProcrustesAligner needs languages= (one label per row) so it knows which "
+                f"rows belong to the pivot {self.pivot!r} and which to rotate."
+            )
+        nx, X, dev = self._validate(X, reset=first)
+        labels, codes = check_languages(languages, X.shape[0])
+        pids = check_pair_ids(pair_ids, X.shape[0], required_by="ProcrustesAligner")
+        if first:
+            self._moments = LanguageMoments()
+            self._pairs = PairMoments(self.pivot)
+        T = nx.to_torch(X, dev)
+        self._moments.update(T, labels, codes)
+        self._pairs.update(T, labels, codes, pids, self._moments)
+        self._solve(dev)
+        return self
+
+    def _solve(self, dev) -> None:
+        m, p = self._moments, self._pairs
+        order = np.argsort(np.asarray(m.labels), kind="stable")
+        self.languages_ = languages_array(m.labels)
+        means = m.means()
+        self.means_ = means[order]
+        d = means.shape[1]
+        rot = np.tile(np.eye(d), (len(m.labels), 1, 1))
+        self.n_pairs_ = {}
+        unpaired = []
+        for lab in self.languages_.tolist():
+            if lab == self.pivot:
+                continue
+            if lab not in p.S:
+                unpaired.append(lab)
+                continue
+            i, ip = m.index[lab], m.index[self.pivot]
+            C = p.cross_covariance(
+                lab,
+                means[i] if self.center else None,
+                means[ip] if self.center else None,
+                m.shift[i],
+                m.shift[ip],
+            )
+            rot[int(np.flatnonzero(self.languages_ == lab)[0])] = orthogonal_map(C, dev)
+            self.n_pairs_[lab] = int(p.count[lab])
+        self.rotations_ = rot
+        self.unpaired_languages_ = unpaired
+
+    def _check_complete(self) -> None:
+        if self.pivot not in self.languages_.tolist():
+            raise ValueError(
+                f"pivot language {self.pivot!r} does not occur in languages "
+                f"(found {self.languages_.tolist()}); set pivot= to one of them or add "
+                "pivot-language rows."
+            )
+        if self.unpaired_languages_:
+            lab = self.unpaired_languages_[0]
+            raise ValueError(
+                f"language(s) {self.unpaired_languages_} have no rows paired with the pivot "
+                f"{self.pivot!r}: no pair_id of {lab!r} occurs among the pivot rows. Give "
+                "translations of pivot rows the same pair_id, or drop those languages."
+            )
+        d = self.n_features_in_
+        few = {lab: n for lab, n in self.n_pairs_.items() if n < d}
+        if few:
+            warnings.warn(
+                f"fewer pivot pairs than dimensions ({d}) for {few}: the orthogonal map is "
+                "not unique (it is fixed only on the span of the pairs). Use more pairs "
+                "or reduce the dimension first.",
+                UserWarning,
+                stacklevel=3,
+            )
+
+    def transform(self, X, languages=None):
+        """Map each row into the (centred) pivot frame.
+
+        Parameters
+        ----------
+        X : array-like or tensor of shape (n_rows, n_features)
+        languages : array-like of shape (n_rows,)
+
+        Returns
+        -------
+        X_new : same type as X
+        """
+        check_is_fitted(self)
+        if languages is None:
+            raise ValueError("ProcrustesAligner.transform needs languages= (one per row).")
+        nx, Xc, dev = self._validate(X, reset=False)
+        labels, codes = check_languages(languages, Xc.shape[0])
+        gcodes, _ = self._fitted_codes(labels, codes)
+        present = set(np.unique(gcodes).tolist())
+        waiting = [lab for lab in self.unpaired_languages_
+                   if int(np.flatnonzero(self.languages_ == lab)[0]) in present]
+        if waiting:
+            raise ValueError(
+                f"language(s) {waiting} have no pairs with the pivot {self.pivot!r} yet; "
+                "partial_fit rows paired with pivot rows before transforming them."
+            )
+        pivot_idx = np.flatnonzero(self.languages_ == self.pivot)
+        rotations = {
+            i: self.rotations_[i] for i in present
+            if not (pivot_idx.size and i == int(pivot_idx[0]))
+        }
+        out = affine_by_language(
+            nx.to_torch(Xc, dev), gcodes,
+            shift=self.means_ if self.center else None,
+            rotations=rotations,
+        )
+        return nx.from_torch(out, like=Xc)
+
+    def fit_transform(self, X, y=None, languages=None, pair_ids=None):
+        """Fit, then transform ``X`` (languages reach both steps)."""
+        return self.fit(X, y, languages=languages, pair_ids=pair_ids).transform(
+            X, languages=languages
+        )
+
+    def __sklearn_tags__(self):
+        tags = super().__sklearn_tags__()
+        tags.requires_fit = True
+        return tags
