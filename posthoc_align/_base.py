@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import warnings
 from collections.abc import Hashable
 from typing import Any
 
@@ -12,7 +11,7 @@ from sklearn.base import BaseEstimator, OneToOneFeatureMixin, TransformerMixin
 from sklearn.utils.validation import validate_data
 
 from ._backend import Backend, resolve_device
-from ._validation import check_languages, check_X
+from ._validation import check_X
 
 __all__ = ["LanguageTransformerMixin", "languages_array"]
 
@@ -42,9 +41,9 @@ class LanguageTransformerMixin(OneToOneFeatureMixin, TransformerMixin, BaseEstim
 
     # -- helpers for subclasses ------------------------------------------------
     def _validate(self, X: Any, *, reset: bool) -> tuple[Backend, Any, torch.device]:
+        nx, Xc = check_X(X, estimator=self)
         validate_data(self, X, reset=reset, skip_check_array=True)
-        nx, X = check_X(X, estimator=self)
-        return nx, X, resolve_device(getattr(self, "device", "auto"), nx, X)
+        return nx, Xc, resolve_device(getattr(self, "device", "auto"), nx, Xc)
 
     def _fitted_codes(
         self, labels: np.ndarray, codes: np.ndarray, *, policy: str = "error"
@@ -93,15 +92,6 @@ class LanguageTransformerMixin(OneToOneFeatureMixin, TransformerMixin, BaseEstim
         save(self, path)
 
 
-def warn_once(message: str, category: type[Warning] = UserWarning) -> None:
-    warnings.warn(message, category, stacklevel=3)
-
-
-def as_output(nx: Backend, out: torch.Tensor, like: Any) -> Any:
-    """Convert a computed tensor to the caller's array type."""
-    return nx.from_torch(out, like=like)
-
-
 def unknown_policy_message(est: Any, unknown: list[Hashable]) -> str:
     return (
         f"{type(est).__name__}: language(s) {unknown} were not seen during fit "
@@ -109,7 +99,3 @@ def unknown_policy_message(est: Any, unknown: list[Hashable]) -> str:
         "languages, or choose another unknown_language policy: 'batch' (use the mean of "
         "that language's rows in this call) or 'global' (use the mean over all fitted rows)."
     )
-
-
-def check_languages_for(X: Any, languages: Any) -> tuple[np.ndarray, np.ndarray]:
-    return check_languages(languages, X.shape[0])

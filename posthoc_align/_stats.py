@@ -214,8 +214,9 @@ class _RowStore:
             self.rows = torch.empty((max(16, rows.shape[0]), rows.shape[1]), dtype=rows.dtype)
         need = self.n + rows.shape[0]
         if need > self.rows.shape[0]:
-            grown = torch.empty((max(need, 2 * self.rows.shape[0]), rows.shape[1]),
-                                dtype=self.rows.dtype)
+            grown = torch.empty(
+                (max(need, 2 * self.rows.shape[0]), rows.shape[1]), dtype=self.rows.dtype
+            )
             grown[: self.n] = self.rows[: self.n]
             self.rows = grown
         self.rows[self.n : need] = rows.to(self.rows.dtype)
@@ -377,8 +378,12 @@ class PairMoments:
         self.released = True
 
     def cross_covariance(
-        self, lab: Hashable, mean_a: np.ndarray | None, mean_b: np.ndarray | None,
-        shift_a: np.ndarray, shift_b: np.ndarray,
+        self,
+        lab: Hashable,
+        mean_a: np.ndarray | None,
+        mean_b: np.ndarray | None,
+        shift_a: np.ndarray,
+        shift_b: np.ndarray,
     ) -> np.ndarray:
         """``sum (a - mean_a)(b - mean_b)^T`` over the pairs of ``lab`` (zero means if None)."""
         S, sa, sb, n = self.S[lab], self.sa[lab], self.sb[lab], self.count[lab]
@@ -388,12 +393,14 @@ class PairMoments:
 
     def state(self) -> tuple[dict[str, Any], dict[str, np.ndarray]]:
         labs = list(self.S)
-        meta = {"pivot": self.pivot, "labels": labs,
-                "count": [self.count[lab] for lab in labs]}
+        meta = {"pivot": self.pivot, "labels": labs, "count": [self.count[lab] for lab in labs]}
         arrays = {}
         for k, lab in enumerate(labs):
             arrays[f"S{k}"], arrays[f"sa{k}"], arrays[f"sb{k}"] = (
-                self.S[lab], self.sa[lab], self.sb[lab])
+                self.S[lab],
+                self.sa[lab],
+                self.sb[lab],
+            )
         return meta, arrays
 
     @classmethod

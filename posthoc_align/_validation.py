@@ -73,14 +73,6 @@ def check_X(
         raise TypeError(
             "dask arrays are supported through the estimator's fit/transform entry points only"
         )
-    if isinstance(X, np.ndarray) and X.dtype.kind in "OUS":
-        try:
-            X = X.astype(np.float64)
-        except (TypeError, ValueError) as exc:
-            raise ValueError(
-                f"{name} has non-numeric dtype {X.dtype}; pass floating-point data "
-                "(for text, encode it first, e.g. with posthoc_align.encoders.HFEncoder)."
-            ) from exc
     X = _sk_check_array(
         X,
         dtype=[np.float64, np.float32],

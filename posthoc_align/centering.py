@@ -5,6 +5,7 @@ from __future__ import annotations
 from typing import Any
 
 import numpy as np
+import torch
 from sklearn.base import _fit_context
 from sklearn.utils._param_validation import StrOptions
 from sklearn.utils.validation import check_is_fitted
@@ -90,8 +91,16 @@ class LanguageMeanCentering(LanguageTransformerMixin):
         self.device = device
 
     def _reset(self) -> None:
-        for attr in ("_moments", "languages_", "means_", "counts_", "global_mean_",
-                     "n_samples_seen_", "n_features_in_", "feature_names_in_"):
+        for attr in (
+            "_moments",
+            "languages_",
+            "means_",
+            "counts_",
+            "global_mean_",
+            "n_samples_seen_",
+            "n_features_in_",
+            "feature_names_in_",
+        ):
             if hasattr(self, attr):
                 delattr(self, attr)
 
@@ -150,17 +159,13 @@ class LanguageMeanCentering(LanguageTransformerMixin):
         nx, Xc, dev = self._validate(X, reset=False)
         labels, codes = check_languages(languages, Xc.shape[0])
         policy = self.unknown_language
-        gcodes, unknown = self._fitted_codes(
-            labels, codes, policy="pass" if policy != "error" else "error"
-        )
-        if unknown and policy == "error":  # pragma: no cover - raised above
-            raise ValueError(unknown_policy_message(self, unknown))
+        gcodes, unknown = self._fitted_codes(labels, codes, policy=policy)
         T = nx.to_torch(Xc, dev)
         shift = self.means_
-        if unknown:
+        if unknown:  # policy "batch" or "global": extra rows appended to the shift table
             extra = _means_for_unknown(self, T, labels, codes, gcodes, policy)
             gcodes = gcodes.copy()
-            for k, (lab_code, mean) in enumerate(extra):
+            for k, (lab_code, _) in enumerate(extra):
                 gcodes[codes == lab_code] = len(self.means_) + k
             shift = np.vstack([self.means_] + [mean[None] for _, mean in extra])
         out = affine_by_language(T, gcodes, shift=shift)
@@ -175,11 +180,7 @@ def _means_for_unknown(est, T, labels, codes, gcodes, policy):
     unknown_codes = np.unique(codes[gcodes < 0])
     if policy == "global":
         return [(c, est.global_mean_) for c in unknown_codes]
-    rows = np.isin(codes, unknown_codes)
-    import torch
-
-    sub = T[torch.from_numpy(np.flatnonzero(rows)).to(T.device)]
-    m = LanguageMoments().update(sub, labels, codes[rows])
+    rows = np.flatnonzero(np.isin(codes, unknown_codes))
+    m = LanguageMoments().update(T[torch.from_numpy(rows).to(T.device)], labels, codes[rows])
     means = m.means()
-    return [(c, means[m.index[labels[c].item() if hasattr(labels[c], "item") else labels[c]]])
-            for c in unknown_codes]
+    return [(c, means[m.index[labels.tolist()[c]]]) for c in unknown_codes]

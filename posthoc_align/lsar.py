@@ -3,11 +3,13 @@
 from __future__ import annotations
 
 import numbers
+import warnings
 from typing import Any
 
 import numpy as np
 import torch
 from sklearn.base import _fit_context
+from sklearn.utils import metadata_routing
 from sklearn.utils._param_validation import Interval
 from sklearn.utils.validation import check_is_fitted
 
@@ -15,7 +17,6 @@ from ._apply import project_out
 from ._backend import DEVICE_CONSTRAINT
 from ._base import LanguageTransformerMixin, languages_array
 from ._stats import LanguageMoments
-from ._validation import check_X  # noqa: F401  (re-exported validation is shared)
 from ._validation import check_languages
 
 __all__ = ["LSAR", "language_subspace"]
@@ -48,7 +49,9 @@ class LSAR(LanguageTransformerMixin):
     ----------
     n_components : int, float in (0, 1) or None, default=None
         Rank ``r`` of the removed subspace. None: ``L − 1`` (all directions in
-        which the language means differ). An int larger than ``L − 1`` is an
+        which the language means differ). Directions with a zero singular value
+        (numerically) are never removed: on data whose language means already
+        coincide, LSAR is the identity. An int larger than ``L − 1`` is an
         error. A float picks the smallest ``r`` whose squared singular values
         hold at least that fraction of the total energy (like PCA).
     device : {"auto", "cpu", "cuda"} or torch.device, default="auto"
@@ -87,7 +90,8 @@ class LSAR(LanguageTransformerMixin):
     True
     """
 
-    __metadata_request__transform: dict = {}
+    # transform takes no labels: never route ``languages`` to it
+    __metadata_request__transform = {"languages": metadata_routing.UNUSED}
 
     _parameter_constraints: dict = {
         "n_components": [
@@ -103,9 +107,17 @@ class LSAR(LanguageTransformerMixin):
         self.device = device
 
     def _reset(self) -> None:
-        for attr in ("_moments", "languages_", "means_", "components_", "singular_values_",
-                     "explained_energy_ratio_", "n_components_", "n_features_in_",
-                     "feature_names_in_"):
+        for attr in (
+            "_moments",
+            "languages_",
+            "means_",
+            "components_",
+            "singular_values_",
+            "explained_energy_ratio_",
+            "n_components_",
+            "n_features_in_",
+            "feature_names_in_",
+        ):
             if hasattr(self, attr):
                 delattr(self, attr)
 
@@ -149,6 +161,21 @@ class LSAR(LanguageTransformerMixin):
         self.singular_values_ = s
         self.explained_energy_ratio_ = energy / total if total > 0 else np.zeros_like(s)
         r = self._rank(L)
+        # directions with a zero singular value carry no language difference (e.g.
+        # on already centred data): removing them would delete arbitrary directions
+        # data scale from the reference rows (one real row per language)
+        scale = max(float(np.abs(m.shift).max()), float(np.abs(self.means_).max()))
+        tol = scale * max(self.means_.shape) * 1e3 * np.finfo(float).eps
+        rank = int((s > max(tol, 1e-300)).sum())
+        if r > rank:
+            if isinstance(self.n_components, numbers.Integral):
+                warnings.warn(
+                    f"n_components={r} but the language means span only {rank} "
+                    "direction(s); removing those only.",
+                    UserWarning,
+                    stacklevel=3,
+                )
+            r = rank
         self.n_components_ = r
         self.components_ = np.ascontiguousarray(Vh[:r])
         return self

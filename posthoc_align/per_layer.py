@@ -164,8 +164,9 @@ class PerLayer(TransformerMixin, BaseEstimator, auto_wrap_output_keys=None):
         else:
             out = np.array(X, dtype=X.dtype if X.dtype in (np.float32, np.float64) else float)
         for i, est in zip(self.layers_, self.estimators_, strict=True):
-            out[:, i, :] = est.transform(X[:, i, :], **_accepted(est.transform,
-                                                                 languages=languages))
+            out[:, i, :] = est.transform(
+                X[:, i, :], **_accepted(est.transform, languages=languages)
+            )
         return out
 
     def fit_transform(self, X, y=None, languages=None, pair_ids=None):

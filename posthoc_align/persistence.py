@@ -52,8 +52,7 @@ def _registry() -> dict[str, type]:
     return {
         name: obj
         for name in posthoc_align.__all__
-        if isinstance(obj := getattr(posthoc_align, name), type)
-        and issubclass(obj, BaseEstimator)
+        if isinstance(obj := getattr(posthoc_align, name), type) and issubclass(obj, BaseEstimator)
     }
 
 
@@ -68,8 +67,11 @@ def _json_value(v: Any) -> Any:
     if isinstance(v, dict):
         return {"__dict__": [[_json_value(k), _json_value(x)] for k, x in v.items()]}
     if isinstance(v, np.ndarray):
-        return {"__ndarray__": [_json_value(x) for x in v.tolist()], "dtype": v.dtype.str
-                if v.dtype.kind != "O" else "O", "shape": list(v.shape)}
+        return {
+            "__ndarray__": [_json_value(x) for x in v.tolist()],
+            "dtype": v.dtype.str if v.dtype.kind != "O" else "O",
+            "shape": list(v.shape),
+        }
     if v is None or isinstance(v, bool | int | float | str):
         return v
     raise TypeError(f"cannot store {type(v).__name__} value {v!r} as JSON")
@@ -220,11 +222,13 @@ def load(path: str | Path) -> BaseEstimator:
                 setattr(est, k, [load(path / f"{k}.{i}") for i in range(int(v))])
         for k, spec in cfg["objects"].items():
             prefix = f"{k}/"
-            arrs = {n[len(prefix):]: a for n, a in arrays.items() if n.startswith(prefix)}
+            arrs = {n[len(prefix) :]: a for n, a in arrays.items() if n.startswith(prefix)}
             setattr(est, k, _OBJECTS[spec["type"]].from_state(_from_json(spec["meta"]), arrs))
         for k, a in arrays.items():
             if "/" not in k:
                 setattr(est, k, a)
     except (KeyError, TypeError, AttributeError) as exc:
-        raise ValueError(f"{path}: the saved configuration is incomplete or altered ({exc})")
+        raise ValueError(
+            f"{path}: the saved configuration is incomplete or altered ({exc})"
+        ) from exc
     return est

@@ -127,8 +127,17 @@ class ProcrustesAligner(LanguageTransformerMixin):
         self.device = device
 
     def _reset(self) -> None:
-        for attr in ("_moments", "_pairs", "languages_", "means_", "rotations_", "n_pairs_",
-                     "n_features_in_", "feature_names_in_", "unpaired_languages_"):
+        for attr in (
+            "_moments",
+            "_pairs",
+            "languages_",
+            "means_",
+            "rotations_",
+            "n_pairs_",
+            "n_features_in_",
+            "feature_names_in_",
+            "unpaired_languages_",
+        ):
             if hasattr(self, attr):
                 delattr(self, attr)
 
@@ -166,12 +175,12 @@ class ProcrustesAligner(LanguageTransformerMixin):
 
     def _partial_fit(self, X, languages, pair_ids):
         first = not hasattr(self, "_moments")
+        nx, X, dev = self._validate(X, reset=first)
         if languages is None:
             raise ValueError(
                 "ProcrustesAligner needs languages= (one label per row) so it knows which "
                 f"rows belong to the pivot {self.pivot!r} and which to rotate."
             )
-        nx, X, dev = self._validate(X, reset=first)
         labels, codes = check_languages(languages, X.shape[0])
         pids = check_pair_ids(pair_ids, X.shape[0], required_by="ProcrustesAligner")
         if first:
@@ -250,14 +259,17 @@ class ProcrustesAligner(LanguageTransformerMixin):
         X_new : same type as X
         """
         check_is_fitted(self)
+        nx, Xc, dev = self._validate(X, reset=False)
         if languages is None:
             raise ValueError("ProcrustesAligner.transform needs languages= (one per row).")
-        nx, Xc, dev = self._validate(X, reset=False)
         labels, codes = check_languages(languages, Xc.shape[0])
         gcodes, _ = self._fitted_codes(labels, codes)
         present = set(np.unique(gcodes).tolist())
-        waiting = [lab for lab in self.unpaired_languages_
-                   if int(np.flatnonzero(self.languages_ == lab)[0]) in present]
+        waiting = [
+            lab
+            for lab in self.unpaired_languages_
+            if int(np.flatnonzero(self.languages_ == lab)[0]) in present
+        ]
         if waiting:
             raise ValueError(
                 f"language(s) {waiting} have no pairs with the pivot {self.pivot!r} yet; "
@@ -265,11 +277,13 @@ class ProcrustesAligner(LanguageTransformerMixin):
             )
         pivot_idx = np.flatnonzero(self.languages_ == self.pivot)
         rotations = {
-            i: self.rotations_[i] for i in present
+            i: self.rotations_[i]
+            for i in present
             if not (pivot_idx.size and i == int(pivot_idx[0]))
         }
         out = affine_by_language(
-            nx.to_torch(Xc, dev), gcodes,
+            nx.to_torch(Xc, dev),
+            gcodes,
             shift=self.means_ if self.center else None,
             rotations=rotations,
         )

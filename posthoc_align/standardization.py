@@ -119,8 +119,17 @@ class LanguageStandardizer(LanguageTransformerMixin):
         self.device = device
 
     def _reset(self) -> None:
-        for attr in ("_moments", "languages_", "means_", "vars_", "scale_", "counts_",
-                     "n_samples_seen_", "n_features_in_", "feature_names_in_"):
+        for attr in (
+            "_moments",
+            "languages_",
+            "means_",
+            "vars_",
+            "scale_",
+            "counts_",
+            "n_samples_seen_",
+            "n_features_in_",
+            "feature_names_in_",
+        ):
             if hasattr(self, attr):
                 delattr(self, attr)
 
@@ -140,7 +149,10 @@ class LanguageStandardizer(LanguageTransformerMixin):
         self
         """
         self._reset()
-        return self._partial_fit(X, languages)
+        self._partial_fit(X, languages)
+        if self.mode == "fitted":
+            _warn_small(self.languages_.tolist(), self.counts_, "at fit")
+        return self
 
     @_fit_context(prefer_skip_nested_validation=True)
     def partial_fit(self, X, y=None, languages=None):
@@ -161,8 +173,6 @@ class LanguageStandardizer(LanguageTransformerMixin):
         self.means_ = m.means()[order]
         self.vars_ = m.variances()[order]
         self.scale_ = _scale(self.vars_, self.eps) if self.with_std else np.ones_like(self.vars_)
-        if self.mode == "fitted":
-            _warn_small(self.languages_.tolist(), self.counts_, "at fit")
         return self
 
     def transform(self, X, languages=None):

@@ -1,0 +1,57 @@
+import os
+
+import numpy as np
+import pytest
+import torch
+
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
+
+
+@pytest.fixture
+def rng():
+    return np.random.default_rng(0)
+
+
+def _backends():
+    out = ["numpy"]
+    out.append("torch")
+    if torch.cuda.is_available():
+        out.append("cuda")
+    return out
+
+
+@pytest.fixture(params=_backends())
+def to_backend(request):
+    """Convert a numpy array to the backend under test; returns (convert, to_numpy)."""
+    kind = request.param
+
+    def convert(a):
+        if kind == "numpy":
+            return a
+        t = torch.from_numpy(np.ascontiguousarray(a))
+        return t.cuda() if kind == "cuda" else t
+
+    def back(a):
+        return a.detach().cpu().numpy() if isinstance(a, torch.Tensor) else np.asarray(a)
+
+    convert.kind = kind
+    return convert, back
+
+
+def make_multilingual(rng, n_per_lang=40, d=6, langs=("en", "fr", "de"), offset_scale=3.0):
+    """Rows per language = shared signal + language offset; all languages share pair ids."""
+    base = rng.normal(size=(n_per_lang, d))
+    X, L, P = [], [], []
+    for lang in langs:
+        off = rng.normal(scale=offset_scale, size=d)
+        X.append(base + off + 0.1 * rng.normal(size=base.shape))
+        L += [lang] * n_per_lang
+        P += list(range(n_per_lang))
+    return np.vstack(X), np.array(L), np.array(P)
+
+
+@pytest.fixture
+def multilingual():
+    """Factory for (X, languages, pair_ids) with planted language offsets."""
+    return make_multilingual

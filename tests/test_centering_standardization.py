@@ -1,0 +1,195 @@
+"""Centring and standardisation against per-language loops written here."""
+
+import numpy as np
+import pytest
+import torch
+from hypothesis import given, settings
+from hypothesis import strategies as st
+from hypothesis.extra.numpy import arrays
+
+from posthoc_align import LanguageMeanCentering, LanguageStandardizer
+
+
+def loop_center(X, langs):
+    out = np.empty_like(X, dtype=float)
+    for lang in np.unique(langs):
+        m = langs == lang
+        out[m] = X[m] - X[m].mean(0)
+    return out
+
+
+def loop_standardize(X, langs, eps):
+    out = np.empty_like(X, dtype=float)
+    for lang in np.unique(langs):
+        m = langs == lang
+        out[m] = (X[m] - X[m].mean(0)) / np.sqrt(X[m].var(0) + eps)
+    return out
+
+
+def test_centering_matches_loop(rng, to_backend, multilingual):
+    convert, back = to_backend
+    X, langs, _ = multilingual(rng)
+    Z = LanguageMeanCentering().fit_transform(convert(X), languages=langs)
+    np.testing.assert_allclose(back(Z), loop_center(X, langs), atol=1e-12)
+
+
+def test_standardizer_matches_loop(rng, to_backend, multilingual):
+    convert, back = to_backend
+    X, langs, _ = multilingual(rng)
+    Z = LanguageStandardizer(eps=1e-6).fit_transform(convert(X), languages=langs)
+    np.testing.assert_allclose(back(Z), loop_standardize(X, langs, 1e-6), atol=1e-10)
+
+
+def test_batch_mode_uses_call_statistics(rng, multilingual):
+    X, langs, _ = multilingual(rng)
+    st_ = LanguageStandardizer(mode="batch").fit(X[:10], languages=langs[:10])
+    sub = rng.permutation(len(X))[:70]
+    Z = st_.transform(X[sub], languages=langs[sub])
+    np.testing.assert_allclose(Z, loop_standardize(X[sub], langs[sub], 1e-6), atol=1e-10)
+
+
+def test_standardizer_options(rng, multilingual):
+    X, langs, _ = multilingual(rng)
+    only_mean = LanguageStandardizer(with_std=False).fit_transform(X, languages=langs)
+    np.testing.assert_allclose(only_mean, loop_center(X, langs), atol=1e-12)
+    only_std = LanguageStandardizer(with_mean=False, eps=0.0).fit_transform(X, languages=langs)
+    ref = np.empty_like(X)
+    for lang in np.unique(langs):
+        m = langs == lang
+        ref[m] = X[m] / X[m].std(0)
+    np.testing.assert_allclose(only_std, ref, atol=1e-12)
+
+
+def test_dtype_and_type_kept(rng, multilingual):
+    X, langs, _ = multilingual(rng)
+    X32 = X.astype(np.float32)
+    Z = LanguageMeanCentering().fit_transform(X32, languages=langs)
+    assert Z.dtype == np.float32 and isinstance(Z, np.ndarray)
+    T = torch.from_numpy(X32)
+    Zt = LanguageStandardizer().fit_transform(T, languages=langs)
+    assert isinstance(Zt, torch.Tensor) and Zt.dtype == torch.float32
+    np.testing.assert_allclose(Zt.numpy(), loop_standardize(X, langs, 1e-6), atol=2e-4)
+    Zi = LanguageMeanCentering().fit_transform(
+        np.arange(12).reshape(6, 2), languages=list("aabbcc")
+    )
+    assert Zi.dtype == np.float64
+
+
+def test_inputs_not_mutated(rng, multilingual):
+    X, langs, _ = multilingual(rng)
+    X0, l0 = X.copy(), langs.copy()
+    for est in (
+        LanguageMeanCentering(),
+        LanguageStandardizer(),
+        LanguageStandardizer(mode="batch"),
+    ):
+        est.fit_transform(X, languages=langs)
+    np.testing.assert_array_equal(X, X0)
+    np.testing.assert_array_equal(langs, l0)
+
+
+def test_unknown_language_policies(rng, multilingual):
+    X, langs, _ = multilingual(rng)
+    fit_rows = langs != "de"
+    est = LanguageMeanCentering().fit(X[fit_rows], languages=langs[fit_rows])
+    with pytest.raises(ValueError, match=r"\['de'\].*fitted languages.*'batch'.*'global'"):
+        est.transform(X, languages=langs)
+    Zb = est.set_params(unknown_language="batch").transform(X, languages=langs)
+    de = langs == "de"
+    np.testing.assert_allclose(Zb[de], X[de] - X[de].mean(0), atol=1e-12)
+    np.testing.assert_allclose(Zb[~de], loop_center(X[~de], langs[~de]), atol=1e-12)
+    Zg = est.set_params(unknown_language="global").transform(X, languages=langs)
+    np.testing.assert_allclose(Zg[de], X[de] - X[fit_rows].mean(0), atol=1e-12)
+
+
+def test_unknown_language_standardizer(rng, multilingual):
+    X, langs, _ = multilingual(rng)
+    est = LanguageStandardizer().fit(X[langs != "de"], languages=langs[langs != "de"])
+    with pytest.raises(ValueError, match="mode='batch'"):
+        est.transform(X, languages=langs)
+
+
+def test_single_row_language_warns(rng):
+    X = rng.normal(size=(5, 3))
+    with pytest.warns(UserWarning, match=r"fewer than 2 rows"):
+        Z = LanguageStandardizer().fit_transform(X, languages=["a"] * 4 + ["b"])
+    assert np.isfinite(Z).all()
+    np.testing.assert_allclose(Z[4], 0.0)
+
+
+def test_languages_none_is_one_language(rng):
+    X = rng.normal(size=(20, 3))
+    Z = LanguageMeanCentering().fit_transform(X)
+    np.testing.assert_allclose(Z, X - X.mean(0), atol=1e-12)
+    assert LanguageMeanCentering().fit(X).languages_.tolist() == ["__all__"]
+
+
+@pytest.mark.parametrize("Est", [LanguageMeanCentering, LanguageStandardizer])
+def test_bad_input_messages(Est, rng):
+    X = rng.normal(size=(10, 3))
+    langs = ["a"] * 5 + ["b"] * 5
+    with pytest.raises(ValueError, match="languages has 9 entries but X has 10 rows"):
+        Est().fit(X, languages=langs[:9])
+    bad = X.copy()
+    bad[3, 1] = np.nan
+    with pytest.raises(ValueError, match="NaN or infinity.*row 3"):
+        Est().fit(bad, languages=langs)
+    bad[3, 1] = np.inf
+    est = Est().fit(X, languages=langs)
+    with pytest.raises(ValueError, match="NaN or infinity.*row 3"):
+        est.transform(bad, languages=langs)
+    with pytest.raises(ValueError, match="3 features"):
+        est.transform(X[:, :2], languages=langs)
+    with pytest.raises(ValueError, match="2D array|2-D"):
+        est.transform(X[0], languages=langs[:1])
+    with pytest.raises(ValueError):
+        Est().fit(np.array([["a", "b"], ["c", "d"]]), languages=["x", "y"])
+    with pytest.raises(TypeError, match="one label per row"):
+        Est().fit(X, languages="en")
+
+
+chunkings = st.lists(st.integers(min_value=1, max_value=40), min_size=1, max_size=8)
+
+
+@settings(max_examples=30, deadline=None)
+@given(
+    X=arrays(np.float64, (60, 4), elements=st.floats(-1e3, 1e3, allow_nan=False)),
+    cuts=chunkings,
+    seed=st.integers(0, 2**16),
+)
+def test_partial_fit_any_chunking_equals_fit(X, cuts, seed):
+    rng = np.random.default_rng(seed)
+    langs = rng.choice(["en", "fr", "de", "sw"], size=len(X))
+    ref = LanguageStandardizer().fit(X, languages=langs)
+    inc = LanguageStandardizer()
+    start = 0
+    bounds = np.cumsum(cuts)
+    for stop in [*bounds[bounds < len(X)].tolist(), len(X)]:
+        inc.partial_fit(X[start:stop], languages=langs[start:stop])
+        start = stop
+    np.testing.assert_array_equal(inc.languages_, ref.languages_)
+    scale = 1 + np.abs(X).max()
+    np.testing.assert_allclose(inc.means_, ref.means_, atol=1e-12 * scale)
+    np.testing.assert_allclose(inc.vars_, ref.vars_, atol=1e-9 * scale**2)
+    c1 = LanguageMeanCentering().fit(X, languages=langs)
+    np.testing.assert_allclose(c1.means_, ref.means_, atol=1e-12 * scale)
+
+
+@settings(max_examples=20, deadline=None)
+@given(shift=st.floats(-1e6, 1e6), seed=st.integers(0, 2**16))
+def test_centering_translation_invariant(shift, seed):
+    rng = np.random.default_rng(seed)
+    X = rng.normal(size=(30, 3))
+    langs = rng.choice(["a", "b"], size=30)
+    langs[:2] = ["a", "b"]
+    Z1 = LanguageMeanCentering().fit_transform(X, languages=langs)
+    Z2 = LanguageMeanCentering().fit_transform(X + shift, languages=langs)
+    np.testing.assert_allclose(Z1, Z2, atol=1e-9 * (1 + abs(shift)))
+
+
+def test_float32_large_mean_precision(rng):
+    """Shifted float64 accumulation keeps variance accurate under a large mean."""
+    X = (1e4 + rng.normal(size=(20000, 3))).astype(np.float32)
+    est = LanguageStandardizer().fit(X)
+    ref = X.astype(np.float64).var(0)
+    np.testing.assert_allclose(est.vars_[0], ref, rtol=1e-4)

@@ -1,0 +1,96 @@
+"""LSAR against an independent SVD and planted language subspaces."""
+
+import numpy as np
+import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
+from sklearn.linear_model import LogisticRegression
+from sklearn.model_selection import cross_val_score
+
+from posthoc_align import LSAR
+
+
+def test_subspace_matches_numpy_svd(rng, multilingual):
+    X, L, _ = multilingual(rng, langs=("en", "fr", "de", "ru"))
+    est = LSAR().fit(X, languages=L)
+    M = np.stack([X[L == lang].mean(0) for lang in np.unique(L)])
+    _, s, Vt = np.linalg.svd(M - M.mean(0), full_matrices=False)
+    np.testing.assert_allclose(est.singular_values_, s, atol=1e-10)
+    assert est.n_components_ == 3
+    P_ref = Vt[:3].T @ Vt[:3]
+    P = est.components_.T @ est.components_
+    np.testing.assert_allclose(P, P_ref, atol=1e-10)
+    np.testing.assert_allclose(est.transform(X), X - X @ P_ref, atol=1e-10)
+
+
+def test_full_rank_makes_language_means_coincide(rng, multilingual):
+    X, L, _ = multilingual(rng, langs=("en", "fr", "de", "ru", "zh"))
+    Z = LSAR().fit(X, languages=L).transform(X)
+    means = np.stack([Z[L == lang].mean(0) for lang in np.unique(L)])
+    np.testing.assert_allclose(means, np.broadcast_to(means[0], means.shape), atol=1e-10)
+
+
+def test_planted_subspace_removed_meaning_kept(rng):
+    """Language lives in a 2-D subspace; a meaning label lives elsewhere."""
+    n, d = 600, 10
+    langs = np.repeat(["a", "b", "c"], n // 3)
+    meaning = np.tile([0, 1], n // 2)  # balanced within every language
+    X = rng.normal(size=(n, d))
+    X[:, 5] += 3.0 * (2 * meaning - 1)  # meaning along e5
+    lang_dirs = np.zeros((3, d))
+    lang_dirs[:, :2] = [[4, 0], [0, 4], [-4, -4]]  # languages along e0, e1
+    X += lang_dirs[np.searchsorted(["a", "b", "c"], langs)]
+    est = LSAR().fit(X, languages=langs)
+    # the removed subspace is span(e0, e1)
+    np.testing.assert_allclose(np.abs(est.components_[:, 2:]).max(), 0, atol=0.1)
+    Z = est.transform(X)
+    clf = LogisticRegression(max_iter=500)
+    lang_before = cross_val_score(clf, X, langs, cv=3).mean()
+    lang_after = cross_val_score(clf, Z, langs, cv=3).mean()
+    mean_before = cross_val_score(clf, X, meaning, cv=3).mean()
+    mean_after = cross_val_score(clf, Z, meaning, cv=3).mean()
+    assert lang_before > 0.9 and lang_after < 0.5
+    assert mean_after > 0.95 and abs(mean_after - mean_before) < 0.03
+
+
+def test_rank_options(rng, multilingual):
+    X, L, _ = multilingual(rng, langs=("en", "fr", "de", "ru"))
+    assert LSAR(n_components=1).fit(X, languages=L).components_.shape == (1, X.shape[1])
+    with pytest.raises(ValueError, match=r"n_components=4 is larger.*L - 1 = 3"):
+        LSAR(n_components=4).fit(X, languages=L)
+    est = LSAR(n_components=0.5).fit(X, languages=L)
+    ratio = est.explained_energy_ratio_
+    r = est.n_components_
+    assert ratio[:r].sum() >= 0.5 and (r == 1 or ratio[: r - 1].sum() < 0.5)
+    with pytest.raises(ValueError):
+        LSAR(n_components=1.5).fit(X, languages=L)
+    one = LSAR().fit(X)
+    assert one.n_components_ == 0
+    np.testing.assert_array_equal(one.transform(X), X)
+
+
+@settings(max_examples=15, deadline=None)
+@given(cuts=st.lists(st.integers(1, 50), min_size=1, max_size=5), seed=st.integers(0, 999))
+def test_partial_fit_any_chunking(cuts, seed):
+    rng = np.random.default_rng(seed)
+    X = rng.normal(size=(90, 5)) + rng.normal(size=(3, 5)).repeat(30, axis=0)
+    L = np.repeat(["x", "y", "z"], 30)
+    perm = rng.permutation(90)
+    X, L = X[perm], L[perm]
+    ref = LSAR().fit(X, languages=L)
+    inc = LSAR()
+    bounds = np.cumsum(cuts)
+    start = 0
+    for stop in [*bounds[bounds < 90].tolist(), 90]:
+        inc.partial_fit(X[start:stop], languages=L[start:stop])
+        start = stop
+    np.testing.assert_allclose(inc.transform(X), ref.transform(X), atol=1e-9)
+
+
+def test_transform_needs_no_languages_and_keeps_dtype(rng, multilingual):
+    X, L, _ = multilingual(rng)
+    est = LSAR().fit(X.astype(np.float32), languages=L)
+    out = est.transform(X.astype(np.float32))
+    assert out.dtype == np.float32
+    with pytest.raises(ValueError, match="NaN or infinity"):
+        est.transform(np.full((2, X.shape[1]), np.nan))

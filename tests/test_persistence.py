@@ -1,0 +1,88 @@
+"""safetensors + JSON persistence: round trips and clear errors on bad files."""
+
+import json
+
+import numpy as np
+import pytest
+
+import posthoc_align as pa
+
+
+def _fitted(rng):
+    X = rng.normal(size=(60, 4, 3))
+    L = np.repeat(["en", "fr", "de"], 20)
+    P = np.tile(np.arange(20), 3)
+    return (
+        X,
+        L,
+        P,
+        [
+            pa.LanguageMeanCentering(unknown_language="global").fit(X[:, 0], languages=L),
+            pa.LanguageStandardizer(eps=1e-3).fit(X[:, 0], languages=L),
+            pa.LSAR(n_components=1).fit(X[:, 0], languages=L),
+            pa.ProcrustesAligner(pivot="fr").fit(X[:, 0], languages=L, pair_ids=P),
+            pa.RotateAlign(layers=(-1, 1)).fit(X, languages=L, pair_ids=P),
+            pa.PerLayer(pa.LanguageMeanCentering(), layers="all").fit(X, languages=L),
+        ],
+    )
+
+
+def test_round_trip(rng, tmp_path):
+    X, L, _, ests = _fitted(rng)
+    for k, est in enumerate(ests):
+        est.save(tmp_path / f"e{k}")
+        again = pa.load(tmp_path / f"e{k}")
+        assert type(again) is type(est)
+        assert again.get_params(deep=False).keys() == est.get_params(deep=False).keys()
+        data = X if isinstance(est, pa.PerLayer) else X[:, 0]
+        kw = {} if isinstance(est, pa.LSAR) else {"languages": L}
+        np.testing.assert_array_equal(again.transform(data, **kw), est.transform(data, **kw))
+    assert not list(tmp_path.rglob("*.pkl"))
+
+
+def test_partial_fit_continues_after_load(rng, tmp_path):
+    X = rng.normal(size=(40, 3))
+    L = rng.choice(["a", "b"], size=40)
+    est = pa.LanguageStandardizer().partial_fit(X[:20], languages=L[:20])
+    est.save(tmp_path / "s")
+    again = pa.load(tmp_path / "s").partial_fit(X[20:], languages=L[20:])
+    ref = pa.LanguageStandardizer().fit(X, languages=L)
+    np.testing.assert_allclose(again.vars_, ref.vars_, atol=1e-12)
+
+
+def test_tampered_and_foreign_files(rng, tmp_path):
+    _, _, _, ests = _fitted(rng)
+    ests[0].save(tmp_path / "c")
+    arr = tmp_path / "c" / "arrays.safetensors"
+    raw = bytearray(arr.read_bytes())
+    raw[-3] ^= 0xFF
+    arr.write_bytes(bytes(raw))
+    with pytest.raises(ValueError, match="checksum"):
+        pa.load(tmp_path / "c")
+    ests[0].save(tmp_path / "d")
+    cfg = json.loads((tmp_path / "d" / "config.json").read_text())
+    cfg["format_version"] = 99
+    (tmp_path / "d" / "config.json").write_text(json.dumps(cfg))
+    with pytest.raises(ValueError, match="newer than this library"):
+        pa.load(tmp_path / "d")
+    (tmp_path / "d" / "config.json").write_text("{not json")
+    with pytest.raises(ValueError, match="not valid JSON"):
+        pa.load(tmp_path / "d")
+    (tmp_path / "empty").mkdir()
+    with pytest.raises(ValueError, match="not a saved posthoc_align estimator"):
+        pa.load(tmp_path / "empty")
+    with pytest.raises(FileNotFoundError):
+        pa.load(tmp_path / "missing")
+    ests[0].save(tmp_path / "e")
+    cfg = json.loads((tmp_path / "e" / "config.json").read_text())
+    cfg["class"] = "os.system"
+    (tmp_path / "e" / "config.json").write_text(json.dumps(cfg))
+    with pytest.raises(ValueError, match="unknown estimator class"):
+        pa.load(tmp_path / "e")
+
+
+def test_foreign_estimator_refused(tmp_path):
+    from sklearn.preprocessing import StandardScaler
+
+    with pytest.raises(TypeError, match="joblib"):
+        pa.persistence.save(StandardScaler().fit(np.eye(3)), tmp_path / "x")

@@ -1,0 +1,198 @@
+"""ProcrustesAligner / RotateAlign against scipy and planted rotations."""
+
+import numpy as np
+import pytest
+import torch
+from hypothesis import given, settings
+from hypothesis import strategies as st
+from scipy.linalg import orthogonal_procrustes
+from scipy.stats import ortho_group
+
+from posthoc_align import PerLayer, ProcrustesAligner, RotateAlign
+from posthoc_align.procrustes import orthogonal_map
+
+
+def planted(rng, n=80, d=5, langs=("en", "fr", "de"), noise=0.0, offsets=True):
+    """Pivot rows + rotated, shifted copies per language; returns rotations too."""
+    en = rng.normal(size=(n, d))
+    X, L, P, R = [en], ["en"] * n, list(range(n)), {}
+    for k, lang in enumerate(langs[1:]):
+        Q = ortho_group.rvs(d, random_state=k + 1)
+        off = rng.normal(scale=4.0, size=d) if offsets else 0.0
+        X.append(en @ Q + off + noise * rng.normal(size=en.shape))
+        L += [lang] * n
+        P += list(range(n))
+        R[lang] = Q
+    return np.vstack(X), np.array(L), np.array(P), R
+
+
+def test_matches_scipy(rng, to_backend):
+    convert, back = to_backend
+    X, L, P, _ = planted(rng, noise=0.3)
+    for center in (True, False):
+        est = ProcrustesAligner(pivot="en", center=center).fit(convert(X), languages=L, pair_ids=P)
+        for lang in ("fr", "de"):
+            A, B = X[L == lang], X[L == "en"]
+            if center:
+                A, B = A - A.mean(0), B - B.mean(0)
+            R_ref, _ = orthogonal_procrustes(A, B)
+            i = est.languages_.tolist().index(lang)
+            np.testing.assert_allclose(est.rotations_[i], R_ref, atol=1e-10)
+        Z = back(est.transform(convert(X), languages=L))
+        for lang in ("fr", "de"):
+            i = est.languages_.tolist().index(lang)
+            shift = X[L == lang].mean(0) if center else 0
+            np.testing.assert_allclose(
+                Z[L == lang], (X[L == lang] - shift) @ est.rotations_[i], atol=1e-10
+            )
+        piv_shift = X[L == "en"].mean(0) if center else 0
+        np.testing.assert_allclose(Z[L == "en"], X[L == "en"] - piv_shift, atol=1e-12)
+
+
+def test_recovers_planted_rotation_and_offsets(rng):
+    X, L, P, R = planted(rng, noise=0.0)
+    est = ProcrustesAligner(pivot="en").fit(X, languages=L, pair_ids=P)
+    for lang, Q in R.items():
+        i = est.languages_.tolist().index(lang)
+        np.testing.assert_allclose(est.rotations_[i], Q.T, atol=1e-10)
+    Z = est.transform(X, languages=L)
+    for lang in R:
+        np.testing.assert_allclose(Z[L == lang], Z[L == "en"], atol=1e-10)
+
+
+def test_identical_inputs_give_identity(rng):
+    en = rng.normal(size=(30, 4))
+    X = np.vstack([en, en])
+    est = ProcrustesAligner().fit(X, languages=["en"] * 30 + ["fr"] * 30, pair_ids=[*range(30)] * 2)
+    np.testing.assert_allclose(est.rotations_, np.tile(np.eye(4), (2, 1, 1)), atol=1e-12)
+
+
+def test_rows_out_of_order_and_word_pairs(rng):
+    """Pairs are found by id, not by position; extra unpaired rows are allowed."""
+    X, L, P, R = planted(rng, noise=0.0)
+    perm = rng.permutation(len(X))
+    extra = rng.normal(size=(7, X.shape[1]))  # words without translations (ids unseen)
+    Xp = np.vstack([X[perm], extra])
+    Lp = np.concatenate([L[perm], ["fr"] * 7])
+    Pp = np.concatenate([P[perm].astype(str), [f"w{i}" for i in range(7)]])
+    est = ProcrustesAligner(center=False).fit(Xp, languages=Lp, pair_ids=Pp)
+    i = est.languages_.tolist().index("de")
+    A = X[L == "de"]
+    np.testing.assert_allclose(
+        est.rotations_[i], orthogonal_procrustes(A, X[L == "en"])[0], atol=1e-10
+    )
+    assert est.n_pairs_ == {"de": 80, "fr": 80}
+
+
+@settings(max_examples=15, deadline=None)
+@given(cuts=st.lists(st.integers(1, 90), min_size=1, max_size=6), seed=st.integers(0, 999))
+def test_partial_fit_any_chunking_equals_fit(cuts, seed):
+    rng = np.random.default_rng(seed)
+    X, L, P, _ = planted(rng, n=40, d=4, noise=0.5)
+    perm = rng.permutation(len(X))
+    X, L, P = X[perm], L[perm], P[perm]
+    ref = ProcrustesAligner().fit(X, languages=L, pair_ids=P)
+    inc = ProcrustesAligner()
+    bounds = np.cumsum(cuts)
+    start = 0
+    for stop in [*bounds[bounds < len(X)].tolist(), len(X)]:
+        inc.partial_fit(X[start:stop], languages=L[start:stop], pair_ids=P[start:stop])
+        start = stop
+    np.testing.assert_allclose(inc.rotations_, ref.rotations_, atol=1e-9)
+    np.testing.assert_allclose(inc.means_, ref.means_, atol=1e-12)
+    assert inc._pairs.n_pending() == {}
+
+
+def test_partial_fit_pivot_arrives_last(rng):
+    X, L, P, _ = planted(rng, n=30, d=3, noise=0.2)
+    ref = ProcrustesAligner().fit(X, languages=L, pair_ids=P)
+    inc = ProcrustesAligner()
+    order = np.argsort(L == "en", kind="stable")  # every pivot row at the end
+    first, second = order[:60], order[60:]
+    inc.partial_fit(X[first], languages=L[first], pair_ids=P[first])
+    assert set(inc.unpaired_languages_) == {"fr", "de"}
+    with pytest.raises(ValueError, match="no pairs with the pivot"):
+        inc.transform(X[first], languages=L[first])
+    inc.partial_fit(X[second], languages=L[second], pair_ids=P[second])
+    np.testing.assert_allclose(inc.rotations_, ref.rotations_, atol=1e-10)
+
+
+def test_torch_float32_matches_numpy(rng):
+    X, L, P, _ = planted(rng, noise=0.3)
+    ref = ProcrustesAligner().fit(X, languages=L, pair_ids=P)
+    T = torch.from_numpy(X.astype(np.float32))
+    est = ProcrustesAligner().fit(T, languages=L, pair_ids=P)
+    np.testing.assert_allclose(est.rotations_, ref.rotations_, atol=1e-5)
+    out = est.transform(T, languages=L)
+    assert isinstance(out, torch.Tensor) and out.dtype == torch.float32
+
+
+def test_bad_input(rng):
+    X, L, P, _ = planted(rng, n=20, d=3)
+    with pytest.raises(ValueError, match="needs pair_ids"):
+        ProcrustesAligner().fit(X, languages=L)
+    with pytest.raises(ValueError, match="needs languages"):
+        ProcrustesAligner().fit(X, pair_ids=P)
+    with pytest.raises(ValueError, match="pivot language 'xx' does not occur"):
+        ProcrustesAligner(pivot="xx").fit(X, languages=L, pair_ids=P)
+    P2 = P.copy()
+    P2[L == "de"] += 1000
+    with pytest.raises(ValueError, match=r"\['de'\] have no rows paired with the pivot"):
+        ProcrustesAligner().fit(X, languages=L, pair_ids=P2)
+    P3 = P.copy()
+    P3[(L == "fr").nonzero()[0][1]] = P3[(L == "fr").nonzero()[0][0]]
+    with pytest.raises(ValueError, match="occurs 2 times in language 'fr'"):
+        ProcrustesAligner().fit(X, languages=L, pair_ids=P3)
+    with pytest.raises(ValueError, match="pair_ids has 5 entries"):
+        ProcrustesAligner().fit(X, languages=L, pair_ids=P[:5])
+    with pytest.warns(UserWarning, match="fewer pivot pairs than dimensions"):
+        ProcrustesAligner().fit(X[::10], languages=L[::10], pair_ids=P[::10])
+    est = ProcrustesAligner().fit(X, languages=L, pair_ids=P)
+    with pytest.raises(ValueError, match=r"\['sw'\] were not seen during fit"):
+        est.transform(X[:2], languages=["sw", "sw"])
+
+
+def test_orthogonal_map_is_orthogonal(rng):
+    W = orthogonal_map(rng.normal(size=(6, 6)))
+    np.testing.assert_allclose(W @ W.T, np.eye(6), atol=1e-12)
+
+
+def test_rotate_align_per_layer(rng):
+    n, layers, d = 50, 5, 4
+    Xen = rng.normal(size=(n, layers, d))
+    Q = ortho_group.rvs(d, random_state=3)
+    Xfr = Xen @ Q
+    X = np.concatenate([Xen, Xfr])
+    L, P = ["en"] * n + ["fr"] * n, list(range(n)) * 2
+    ra = RotateAlign(layers=(-2, -1)).fit(X, languages=L, pair_ids=P)
+    assert ra.layers_ == (3, 4)
+    Z = ra.transform(X, languages=L)
+    np.testing.assert_array_equal(Z[:, :3], X[:, :3])  # passed through
+    for i in (3, 4):
+        np.testing.assert_allclose(Z[n:, i], Z[:n, i], atol=1e-10)
+        ref = ProcrustesAligner().fit(X[:, i], languages=L, pair_ids=P)
+        np.testing.assert_allclose(Z[:, i], ref.transform(X[:, i], languages=L), atol=1e-12)
+    assert isinstance(ra.estimators_[0], ProcrustesAligner)
+    with pytest.raises(ValueError, match="layer 7 is out of range"):
+        RotateAlign(layers=(7,)).fit(X, languages=L, pair_ids=P)
+    with pytest.raises(ValueError, match="3-D array"):
+        ra.transform(X[:, 0], languages=L)
+    with pytest.raises(ValueError, match="fitted on 5 layers"):
+        ra.transform(X[:, :4], languages=L)
+
+
+def test_per_layer_partial_fit(rng):
+    from posthoc_align import LanguageMeanCentering
+
+    X = rng.normal(size=(40, 3, 2))
+    L = rng.choice(["a", "b"], size=40)
+    full = PerLayer(LanguageMeanCentering()).fit(X, languages=L)
+    inc = PerLayer(LanguageMeanCentering())
+    for sl in (slice(0, 13), slice(13, 40)):
+        inc.partial_fit(X[sl], languages=L[sl])
+    for a, b in zip(full.estimators_, inc.estimators_, strict=True):
+        np.testing.assert_allclose(a.means_, b.means_, atol=1e-12)
+    T = torch.from_numpy(X)
+    out = full.transform(T, languages=L)
+    assert isinstance(out, torch.Tensor)
+    np.testing.assert_allclose(out.numpy(), full.transform(X, languages=L), atol=1e-12)
