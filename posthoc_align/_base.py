@@ -11,7 +11,9 @@ from sklearn.base import BaseEstimator, OneToOneFeatureMixin, TransformerMixin
 from sklearn.utils.validation import validate_data
 
 from ._backend import Backend, resolve_device
-from ._validation import check_X
+from ._dask import is_dask
+from ._stats import LanguageMoments
+from ._validation import check_languages, check_X
 
 __all__ = ["LanguageTransformerMixin", "languages_array"]
 
@@ -38,6 +40,49 @@ class LanguageTransformerMixin(OneToOneFeatureMixin, TransformerMixin, BaseEstim
     __metadata_request__fit = {"languages": True}
     __metadata_request__partial_fit = {"languages": True}
     __metadata_request__transform = {"languages": True}
+
+    #: whether the fit needs per-language sums of squares
+    _second_moments = False
+
+    # -- the streaming fit, shared by every estimator ----------------------------
+    def _partial_fit(self, X, languages, pair_ids=None):
+        """Validate a batch, add it to the moments, recompute the closed form."""
+        if is_dask(X):
+            from ._dask import partial_fit_dask
+
+            return partial_fit_dask(self, X, languages, pair_ids)
+        first = not hasattr(self, "_moments")
+        nx, Xc, dev = self._validate(X, reset=first)
+        labels, codes, pids = self._check_metadata(Xc.shape[0], languages, pair_ids)
+        if first:
+            self._moments = LanguageMoments(second_moments=self._second_moments)
+            self._pairs = self._new_pairs()
+        T = nx.to_torch(Xc, dev)
+        self._moments.update(T, labels, codes)
+        if getattr(self, "_pairs", None) is not None:
+            self._pairs.update(T, labels, codes, pids, self._moments)
+        self._finalize(dev)
+        return self
+
+    def _check_metadata(self, n_rows: int, languages: Any, pair_ids: Any):
+        """``(labels, codes, pair_ids)`` for a batch; estimators needing pairs override."""
+        labels, codes = check_languages(languages, n_rows)
+        return labels, codes, None
+
+    def _new_pairs(self):
+        """A fresh pair-moment accumulator, or None when the method uses no pairs."""
+        return None
+
+    def _finalize(self, device) -> None:  # pragma: no cover - abstract
+        """Compute the learned ``*_`` attributes from ``self._moments``."""
+        raise NotImplementedError
+
+    def _sorted_moments(self) -> tuple[LanguageMoments, np.ndarray]:
+        """The moments and the permutation that sorts their languages."""
+        m = self._moments
+        order = np.argsort(np.asarray(m.labels), kind="stable")
+        self.languages_ = languages_array(m.labels)
+        return m, order
 
     # -- helpers for subclasses ------------------------------------------------
     def _validate(self, X: Any, *, reset: bool) -> tuple[Backend, Any, torch.device]:

@@ -155,6 +155,34 @@ class LanguageMoments:
         self.counts += np.bincount(gcodes, minlength=L)
         return self
 
+    @classmethod
+    def with_shifts(
+        cls, labels: list[Hashable], shift: np.ndarray, *, second_moments: bool = False
+    ) -> LanguageMoments:
+        """Empty moments for known languages with fixed reference rows.
+
+        Moments built on the same shifts add exactly (:meth:`add`), which is how
+        block-wise (dask) statistics are combined.
+        """
+        m = cls(second_moments=second_moments)
+        m.labels = list(labels)
+        m.index = {lab: i for i, lab in enumerate(m.labels)}
+        m.shift = np.array(shift, dtype=np.float64, copy=True)
+        m.sums = np.zeros_like(m.shift)
+        m.sumsq = np.zeros_like(m.shift) if second_moments else None
+        m.counts = np.zeros(len(m.labels))
+        return m
+
+    def add(self, other: LanguageMoments) -> LanguageMoments:
+        """Add moments accumulated on the same languages and shifts (in place)."""
+        if other.labels != self.labels or not np.array_equal(other.shift, self.shift):
+            raise ValueError("can only add moments built on the same languages and shifts")
+        self.sums += other.sums
+        self.counts += other.counts
+        if self.sumsq is not None:
+            self.sumsq += other.sumsq
+        return self
+
     # -- reading --------------------------------------------------------------
     @property
     def n_features(self) -> int:
@@ -370,6 +398,23 @@ class PairMoments:
                 miss = rows[~hit]
                 store.add(T[torch.from_numpy(miss).to(T.device)], [pid_py[i] for i in miss])
         return self
+
+    def add_moments(
+        self, lab: Hashable, S: np.ndarray, sa: np.ndarray, sb: np.ndarray, n: int
+    ) -> None:
+        """Add pair moments computed elsewhere (same shifts), e.g. by dask."""
+        if lab not in self.S:
+            d = S.shape[0]
+            self.S[lab], self.sa[lab], self.sb[lab] = np.zeros((d, d)), np.zeros(d), np.zeros(d)
+            self.count[lab] = 0
+        self.S[lab] += S
+        self.sa[lab] += sa
+        self.sb[lab] += sb
+        self.count[lab] += int(n)
+
+    def has_buffers(self) -> bool:
+        """Whether rows are buffered for matching with later batches."""
+        return self._pivot_rows.n > 0 or any(st.pos for st in self._pending.values())
 
     def release(self) -> None:
         """Drop the row buffers (no further batches will be matched)."""

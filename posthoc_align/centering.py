@@ -12,7 +12,8 @@ from sklearn.utils.validation import check_is_fitted
 
 from ._apply import affine_by_language
 from ._backend import DEVICE_CONSTRAINT
-from ._base import LanguageTransformerMixin, languages_array, unknown_policy_message
+from ._base import LanguageTransformerMixin, unknown_policy_message
+from ._dask import is_dask, transform_dask
 from ._stats import LanguageMoments
 from ._validation import check_languages
 
@@ -127,21 +128,12 @@ class LanguageMeanCentering(LanguageTransformerMixin):
         """Add a batch of rows to the running per-language means."""
         return self._partial_fit(X, languages)
 
-    def _partial_fit(self, X, languages):
-        first = not hasattr(self, "_moments")
-        nx, X, dev = self._validate(X, reset=first)
-        labels, codes = check_languages(languages, X.shape[0])
-        if first:
-            self._moments = LanguageMoments()
-        self._moments.update(nx.to_torch(X, dev), labels, codes)
-        m = self._moments
-        order = np.argsort(np.asarray(m.labels), kind="stable")
-        self.languages_ = languages_array(m.labels)
+    def _finalize(self, device) -> None:
+        m, order = self._sorted_moments()
         self.means_ = m.means()[order]
         self.counts_ = m.counts[order].astype(np.int64)
         self.global_mean_ = m.global_mean()
         self.n_samples_seen_ = int(m.counts.sum())
-        return self
 
     def transform(self, X, languages=None):
         """Subtract the fitted mean of each row's language.
@@ -156,6 +148,8 @@ class LanguageMeanCentering(LanguageTransformerMixin):
         X_new : same type as X, shape (n_rows, n_features)
         """
         check_is_fitted(self)
+        if is_dask(X):
+            return transform_dask(self, X, languages)
         nx, Xc, dev = self._validate(X, reset=False)
         labels, codes = check_languages(languages, Xc.shape[0])
         policy = self.unknown_language

@@ -15,9 +15,8 @@ from sklearn.utils.validation import check_is_fitted
 
 from ._apply import project_out
 from ._backend import DEVICE_CONSTRAINT
-from ._base import LanguageTransformerMixin, languages_array
-from ._stats import LanguageMoments
-from ._validation import check_languages
+from ._base import LanguageTransformerMixin
+from ._dask import is_dask, transform_dask
 
 __all__ = ["LSAR", "language_subspace"]
 
@@ -144,15 +143,8 @@ class LSAR(LanguageTransformerMixin):
         """Add a batch to the running language means and refit the subspace."""
         return self._partial_fit(X, languages)
 
-    def _partial_fit(self, X, languages):
-        first = not hasattr(self, "_moments")
-        nx, X, dev = self._validate(X, reset=first)
-        labels, codes = check_languages(languages, X.shape[0])
-        if first:
-            self._moments = LanguageMoments()
-        m = self._moments.update(nx.to_torch(X, dev), labels, codes)
-        order = np.argsort(np.asarray(m.labels), kind="stable")
-        self.languages_ = languages_array(m.labels)
+    def _finalize(self, dev) -> None:
+        m, order = self._sorted_moments()
         self.means_ = m.means()[order]
         Vh, s = language_subspace(self.means_, dev)
         L = len(self.languages_)
@@ -210,6 +202,8 @@ class LSAR(LanguageTransformerMixin):
         X_new : same type as X
         """
         check_is_fitted(self)
+        if is_dask(X):
+            return transform_dask(self, X, None)
         nx, Xc, dev = self._validate(X, reset=False)
         out = project_out(nx.to_torch(Xc, dev), self.components_)
         return nx.from_torch(out, like=Xc)

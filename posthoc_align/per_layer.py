@@ -13,6 +13,7 @@ from sklearn.utils._param_validation import HasMethods
 from sklearn.utils.validation import check_is_fitted
 
 from ._backend import DEVICE_CONSTRAINT
+from ._dask import is_dask
 from ._validation import check_X
 from .procrustes import ProcrustesAligner
 
@@ -103,7 +104,12 @@ class PerLayer(TransformerMixin, BaseEstimator, auto_wrap_output_keys=None):
         return tuple(out)
 
     def _check_3d(self, X, *, reset: bool):
-        nx, X = check_X(X, ndim=3, estimator=self)
+        if is_dask(X):
+            if X.ndim != 3:
+                raise ValueError(f"Expected a 3-D dask array, got shape {X.shape}")
+            nx = None
+        else:
+            nx, X = check_X(X, ndim=3, estimator=self)
         if reset:
             self.n_layers_in_, self.n_features_in_ = int(X.shape[1]), int(X.shape[2])
         elif (X.shape[1], X.shape[2]) != (self.n_layers_in_, self.n_features_in_):
@@ -159,6 +165,21 @@ class PerLayer(TransformerMixin, BaseEstimator, auto_wrap_output_keys=None):
         """
         check_is_fitted(self)
         nx, X = self._check_3d(X, reset=False)
+        if nx is None:  # dask: lazy, layer by layer
+            import dask.array as da
+
+            fitted = dict(zip(self.layers_, self.estimators_, strict=True))
+            return da.stack(
+                [
+                    fitted[i].transform(
+                        X[:, i, :], **_accepted(fitted[i].transform, languages=languages)
+                    )
+                    if i in fitted
+                    else X[:, i, :]
+                    for i in range(X.shape[1])
+                ],
+                axis=1,
+            )
         if nx.name == "torch":
             out = X.clone() if X.dtype in (torch.float32, torch.float64) else X.double()
         else:

@@ -13,8 +13,9 @@ from sklearn.utils.validation import check_is_fitted
 
 from ._apply import affine_by_language
 from ._backend import DEVICE_CONSTRAINT
-from ._base import LanguageTransformerMixin, languages_array
-from ._stats import LanguageMoments, PairMoments
+from ._base import LanguageTransformerMixin
+from ._dask import is_dask, transform_dask
+from ._stats import PairMoments
 from ._validation import check_languages, check_pair_ids
 
 __all__ = ["ProcrustesAligner", "orthogonal_map"]
@@ -173,29 +174,22 @@ class ProcrustesAligner(LanguageTransformerMixin):
         """
         return self._partial_fit(X, languages, pair_ids)
 
-    def _partial_fit(self, X, languages, pair_ids):
-        first = not hasattr(self, "_moments")
-        nx, X, dev = self._validate(X, reset=first)
+    def _check_metadata(self, n_rows, languages, pair_ids):
         if languages is None:
             raise ValueError(
                 "ProcrustesAligner needs languages= (one label per row) so it knows which "
                 f"rows belong to the pivot {self.pivot!r} and which to rotate."
             )
-        labels, codes = check_languages(languages, X.shape[0])
-        pids = check_pair_ids(pair_ids, X.shape[0], required_by="ProcrustesAligner")
-        if first:
-            self._moments = LanguageMoments()
-            self._pairs = PairMoments(self.pivot)
-        T = nx.to_torch(X, dev)
-        self._moments.update(T, labels, codes)
-        self._pairs.update(T, labels, codes, pids, self._moments)
-        self._solve(dev)
-        return self
+        labels, codes = check_languages(languages, n_rows)
+        pids = check_pair_ids(pair_ids, n_rows, required_by="ProcrustesAligner")
+        return labels, codes, pids
 
-    def _solve(self, dev) -> None:
-        m, p = self._moments, self._pairs
-        order = np.argsort(np.asarray(m.labels), kind="stable")
-        self.languages_ = languages_array(m.labels)
+    def _new_pairs(self):
+        return PairMoments(self.pivot)
+
+    def _finalize(self, dev) -> None:
+        m, order = self._sorted_moments()
+        p = self._pairs
         means = m.means()
         self.means_ = means[order]
         d = means.shape[1]
@@ -259,6 +253,8 @@ class ProcrustesAligner(LanguageTransformerMixin):
         X_new : same type as X
         """
         check_is_fitted(self)
+        if is_dask(X):
+            return transform_dask(self, X, languages)
         nx, Xc, dev = self._validate(X, reset=False)
         if languages is None:
             raise ValueError("ProcrustesAligner.transform needs languages= (one per row).")

@@ -13,7 +13,8 @@ from sklearn.utils.validation import check_is_fitted
 
 from ._apply import affine_by_language
 from ._backend import DEVICE_CONSTRAINT
-from ._base import LanguageTransformerMixin, languages_array
+from ._base import LanguageTransformerMixin
+from ._dask import is_dask, transform_dask
 from ._stats import LanguageMoments
 from ._validation import check_languages
 
@@ -102,6 +103,7 @@ class LanguageStandardizer(LanguageTransformerMixin):
         "eps": [Interval(numbers.Real, 0, None, closed="left")],
         "device": DEVICE_CONSTRAINT,
     }
+    _second_moments = True
 
     def __init__(
         self,
@@ -159,21 +161,13 @@ class LanguageStandardizer(LanguageTransformerMixin):
         """Add a batch to the running per-language statistics."""
         return self._partial_fit(X, languages)
 
-    def _partial_fit(self, X, languages):
-        first = not hasattr(self, "_moments")
-        nx, X, dev = self._validate(X, reset=first)
-        labels, codes = check_languages(languages, X.shape[0])
-        if first:
-            self._moments = LanguageMoments(second_moments=True)
-        m = self._moments.update(nx.to_torch(X, dev), labels, codes)
-        order = np.argsort(np.asarray(m.labels), kind="stable")
-        self.languages_ = languages_array(m.labels)
+    def _finalize(self, device) -> None:
+        m, order = self._sorted_moments()
         self.counts_ = m.counts[order].astype(np.int64)
         self.n_samples_seen_ = int(m.counts.sum())
         self.means_ = m.means()[order]
         self.vars_ = m.variances()[order]
         self.scale_ = _scale(self.vars_, self.eps) if self.with_std else np.ones_like(self.vars_)
-        return self
 
     def transform(self, X, languages=None):
         """Standardise each row with its language's statistics.
@@ -188,6 +182,8 @@ class LanguageStandardizer(LanguageTransformerMixin):
         X_new : same type as X
         """
         check_is_fitted(self)
+        if is_dask(X):
+            return transform_dask(self, X, languages)
         nx, Xc, dev = self._validate(X, reset=False)
         labels, codes = check_languages(languages, Xc.shape[0])
         T = nx.to_torch(Xc, dev)

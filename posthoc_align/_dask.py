@@ -1,0 +1,211 @@
+"""Dask arrays: block-wise statistics reduced in a tree, lazy transforms.
+
+``fit``/``partial_fit`` of a dask array never bring the data to the client:
+
+1. the per-row metadata (``languages``, ``pair_ids``: one label per row, tiny
+   next to the n × d data) is computed to numpy on the client;
+2. one reference row per language (the shift of :class:`~posthoc_align._stats.
+   LanguageMoments`) is fetched, so every block accumulates on the same shifts;
+3. every row block computes its float64 moments with the same kernel as the
+   numpy path, and the blocks are added pairwise in a tree (``split_every=8``);
+   for Procrustes, each language's cross-products with its pivot partners are a
+   dask matrix product of the gathered, row-aligned pairs, also reduced in a tree;
+4. one ``dask.compute`` runs it all; the closed form (d×d SVDs) runs on the client.
+
+``transform`` returns a lazy dask array (``map_blocks`` over row blocks), each
+block transformed by the fitted estimator with its slice of ``languages``.
+
+The same code runs on a laptop's threads, a ``LocalCluster`` or a multi-node
+cluster: connect a ``dask.distributed.Client(address)`` before calling ``fit``.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import numpy as np
+
+__all__ = ["is_dask", "partial_fit_dask", "transform_dask"]
+
+_SPLIT_EVERY = 8
+
+
+def is_dask(x: Any) -> bool:
+    """Whether ``x`` is a dask collection (checked without importing dask)."""
+    return type(x).__module__.split(".")[0] == "dask"
+
+
+def _block_moments(block: np.ndarray, gcodes: np.ndarray, labels, shift, second: bool):
+    import torch
+
+    from ._stats import LanguageMoments
+
+    m = LanguageMoments.with_shifts(labels, shift, second_moments=second)
+    if block.shape[0]:
+        T = torch.from_numpy(np.asarray(block, dtype=np.float64))
+        m.update(T, np.asarray(labels, dtype=object), gcodes)
+    return m
+
+
+def _add_moments(*parts):
+    out = parts[0]
+    for p in parts[1:]:
+        out.add(p)
+    return out
+
+
+def _tree(parts: list, combine):
+    import dask
+
+    while len(parts) > 1:
+        parts = [
+            dask.delayed(combine)(*parts[i : i + _SPLIT_EVERY])
+            for i in range(0, len(parts), _SPLIT_EVERY)
+        ]
+    return parts[0]
+
+
+def _pair_indices(labels: np.ndarray, codes: np.ndarray, pids: np.ndarray, pivot) -> dict:
+    """For each non-pivot language: (row indices, pivot partner row indices)."""
+    lab_list = labels.tolist()
+    if pivot not in lab_list:
+        return {}
+    piv = lab_list.index(pivot)
+    prow = np.flatnonzero(codes == piv)
+    pos = {p: r for p, r in zip(pids[prow].tolist(), prow.tolist(), strict=True)}
+    out = {}
+    for c, lab in enumerate(lab_list):
+        if c == piv:
+            continue
+        rows = np.flatnonzero(codes == c)
+        partner = np.fromiter((pos.get(p, -1) for p in pids[rows].tolist()), np.int64, rows.size)
+        hit = partner >= 0
+        if hit.any():
+            out[lab] = (rows[hit], partner[hit])
+    return out
+
+
+def partial_fit_dask(est, X, languages, pair_ids):
+    """Fit-step of ``est`` on a dask array (see the module docstring)."""
+    import dask
+    import dask.array as da
+
+    from ._stats import LanguageMoments
+    from ._validation import check_pair_ids
+
+    if X.ndim != 2:
+        raise ValueError(f"Expected a 2-D dask array (n_rows, n_features), got shape {X.shape}")
+    if any(np.isnan(c) for c in X.chunks[0]):
+        raise ValueError("dask array has unknown chunk sizes; call X.compute_chunk_sizes() first")
+    n, d = X.shape
+    first = not hasattr(est, "_moments")
+    if first:
+        est.n_features_in_ = int(d)
+    elif d != est.n_features_in_:
+        raise ValueError(
+            f"X has {d} features, but {type(est).__name__} is expecting "
+            f"{est.n_features_in_} features as input."
+        )
+    if X.numblocks[1] > 1:
+        X = X.rechunk({1: -1})
+    labels, codes, pids = est._check_metadata(n, languages, pair_ids)
+    lab_list = [lab.item() if isinstance(lab, np.generic) else lab for lab in labels.tolist()]
+    if first:
+        est._moments = LanguageMoments(second_moments=est._second_moments)
+        est._pairs = est._new_pairs()
+    m = est._moments
+    # reference row of every language new to the moments: one small compute
+    new = [i for i, lab in enumerate(lab_list) if lab not in m.index and (codes == i).any()]
+    if new:
+        first_rows = np.array([np.flatnonzero(codes == i)[0] for i in new])
+        rows = np.asarray(X[np.sort(first_rows)].compute(), dtype=np.float64)
+        rows = rows[np.argsort(np.argsort(first_rows))]
+        if not np.isfinite(rows).all():
+            from ._validation import raise_non_finite
+
+            raise_non_finite(rows)
+        if m.shift is None:
+            m.shift, m.sums = np.zeros((0, d)), np.zeros((0, d))
+            m.sumsq = np.zeros((0, d)) if m.second_moments else None
+        for i in new:
+            m.index[lab_list[i]] = len(m.labels)
+            m.labels.append(lab_list[i])
+        m.shift = np.vstack([m.shift, rows])
+        m.sums = np.vstack([m.sums, np.zeros_like(rows)])
+        m.counts = np.concatenate([m.counts, np.zeros(len(new))])
+        if m.second_moments:
+            m.sumsq = np.vstack([m.sumsq, np.zeros_like(rows)])
+    lut = np.array([m.index.get(lab, -1) for lab in lab_list], dtype=np.int64)
+    gcodes = lut[codes]
+    bounds = np.cumsum((0, *X.chunks[0]))
+    blocks = X.to_delayed().ravel()
+    parts = [
+        dask.delayed(_block_moments)(
+            b, gcodes[bounds[k] : bounds[k + 1]], list(m.labels), m.shift, m.second_moments
+        )
+        for k, b in enumerate(blocks)
+    ]
+    todo = {"moments": _tree(parts, _add_moments)}
+    pairs = getattr(est, "_pairs", None)
+    if pairs is not None:
+        if pairs.has_buffers() or pairs.released and pairs.S:
+            raise ValueError(
+                f"{type(est).__name__}: cannot add a dask array to a fit that streamed numpy "
+                "batches or was completed by fit(); fit on the dask array alone (or stream "
+                "numpy chunks with partial_fit)."
+            )
+        pids = check_pair_ids(pids, n, required_by=type(est).__name__)
+        _check_unique_pairs(labels, codes, pids)
+        piv = pairs.pivot
+        for lab, (src, par) in _pair_indices(labels, codes, pids, piv).items():
+            ka = m.shift[m.index[lab]]
+            kb = m.shift[m.index[piv]]
+            A = X[src].astype(np.float64) - ka
+            B = X[par].astype(np.float64).rechunk({0: A.chunks[0]}) - kb
+            todo[lab] = (
+                da.matmul(A.T, B),
+                A.sum(axis=0, split_every=_SPLIT_EVERY),
+                B.sum(axis=0, split_every=_SPLIT_EVERY),
+                src.size,
+            )
+    (res,) = dask.compute(todo)
+    m.add(res.pop("moments"))
+    if pairs is not None:
+        for lab, (S, sa, sb, cnt) in res.items():
+            pairs.add_moments(lab, np.asarray(S), np.asarray(sa), np.asarray(sb), cnt)
+    est._finalize("cpu")
+    return est
+
+
+def _check_unique_pairs(labels, codes, pids):
+    _, pid_codes = np.unique(pids, return_inverse=True)
+    key = codes * (pid_codes.max() + 1) + pid_codes.reshape(-1)
+    _, cnt = np.unique(key, return_counts=True)
+    if (cnt > 1).any():
+        raise ValueError(
+            "a pair_id occurs more than once within one language; within a language each "
+            "pair_id must be unique (rows sharing a pair_id are translations)."
+        )
+
+
+def _transform_block(block, est, langs, block_info=None):
+    from .per_layer import _accepted
+
+    loc = block_info[0]["array-location"][0] if block_info else (0, block.shape[0])
+    kw = {} if langs is None else {"languages": langs[loc[0] : loc[1]]}
+    return est.transform(block, **_accepted(est.transform, **kw))
+
+
+def transform_dask(est, X, languages):
+    """Lazy ``est.transform`` of a dask array, block by block of rows."""
+    from ._validation import _to_1d_numpy
+
+    if any(np.isnan(c) for c in X.chunks[0]):
+        raise ValueError("dask array has unknown chunk sizes; call X.compute_chunk_sizes() first")
+    langs = None if languages is None else _to_1d_numpy(languages, "languages", X.shape[0])
+    if any(nb > 1 for nb in X.numblocks[1:]):
+        X = X.rechunk({i: -1 for i in range(1, X.ndim)})
+    dtype = X.dtype if X.dtype in (np.float32, np.float64) else np.float64
+    return X.map_blocks(
+        _transform_block, est, langs, dtype=dtype, meta=np.empty((0,) * X.ndim, dtype=dtype)
+    )
