@@ -37,8 +37,10 @@ def _layers(value: str) -> str | list[int]:
         return "all"
     try:
         return [int(v) for v in _csv(value)]
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"layers must be 'all' or integers, got {value!r}")
+    except ValueError as exc:
+        raise argparse.ArgumentTypeError(
+            f"layers must be 'all' or integers, got {value!r}"
+        ) from exc
 
 
 def build_parser() -> argparse.ArgumentParser:
