@@ -192,4 +192,4 @@ def test_float32_large_mean_precision(rng):
     X = (1e4 + rng.normal(size=(20000, 3))).astype(np.float32)
     est = LanguageStandardizer().fit(X)
     ref = X.astype(np.float64).var(0)
-    np.testing.assert_allclose(est.vars_[0], ref, rtol=1e-4)
+    np.testing.assert_allclose(est.vars_[0], ref, rtol=1e-9)

@@ -1,0 +1,501 @@
+"""Block-wise nearest-neighbour engine shared by every metric (never an n×n matrix).
+
+One function, :func:`scan`, streams blocks of query rows against blocks of target
+rows (``torch`` matmul on the chosen device) and keeps, per query row, only
+
+* the running top-``k`` scores and their target indices,
+* the score of its gold target (its translation), and
+* the best score over every *other* target (gold and excluded rows masked),
+
+so its memory is ``O(block_q × block_t)`` plus ``O(n)`` vectors, whatever the
+number of rows.  The block shape comes from a byte budget (:func:`plan_blocks`).
+
+Numerics.  The matmul runs in the input precision (float32 stays float32, float64
+stays float64, float16/bfloat16 are computed in float32, see
+:func:`posthoc_align._backend.compute_dtype`).  Cosine similarity is
+``(x·y) / (‖x‖ ‖y‖)``: the raw rows are multiplied and the similarity block is
+scaled by the inverse row norms (computed once per target row, once per query
+block), so no normalised copy of ``X`` is ever made.  Rows of norm zero get
+cosine 0 with every row (as :func:`sklearn.preprocessing.normalize` leaves them
+at zero).
+
+The module also holds :func:`prepare`, the validation shared by the metrics that
+take ``(X, languages, pair_ids, source, target)``.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Hashable
+from dataclasses import dataclass
+from typing import Any
+
+import numpy as np
+import torch
+
+from .._backend import Backend, compute_dtype, resolve_device
+from .._stats import row_blocks
+from .._validation import check_languages, check_pair_ids, check_X, raise_non_finite
+
+__all__ = [
+    "DEFAULT_MEMORY_BUDGET",
+    "NoPairsError",
+    "MIN_QUERY_BLOCK",
+    "Paired",
+    "Rows",
+    "ScanResult",
+    "check_k",
+    "check_memory_budget",
+    "plan_blocks",
+    "prepare",
+    "scan",
+]
+
+#: Default working memory of one scan, in bytes (512 MiB).
+DEFAULT_MEMORY_BUDGET = 512 * 2**20
+
+#: Query rows per block the planner tries to keep before it tiles the targets
+#: (a matmul with fewer rows than this runs far below peak speed).
+MIN_QUERY_BLOCK = 64
+
+#: Bytes of working memory per entry of a similarity block, in units of the
+#: item size: the block itself plus one temporary of the same shape (a mask,
+#: the margin denominator).
+_ENTRY_FACTOR = 2
+
+#: Score hook: modifies a similarity block in place, given the query slice and
+#: the target slice it covers.
+Scorer = Callable[[torch.Tensor, slice, slice], None]
+
+
+class NoPairsError(ValueError):
+    """Too few translation pairs between two languages for a metric.
+
+    A :class:`ValueError`; :func:`posthoc_align.metrics.evaluate_pairs` records NaN
+    for such a language pair instead of stopping.
+    """
+
+
+# -- inputs -------------------------------------------------------------------------
+
+
+class Rows:
+    """A subset of the rows of a 2-D tensor, read block by block.
+
+    Parameters
+    ----------
+    base : torch.Tensor of shape (n_rows, n_features)
+        All rows (any device; a CPU view of a numpy array is fine).
+    index : ndarray of shape (n,)
+        Positions of the subset in ``base``, in the order used for results.
+    origin : ndarray of shape (n,), optional
+        Row numbers in the caller's ``X`` (differ from ``index`` once a subset
+        is cached as a new tensor); used in error messages.
+
+    Notes
+    -----
+    A subset that is one contiguous run of rows is read as a view; any other is
+    gathered block by block, so the subset is never copied as a whole unless
+    :func:`scan` decides to cache it (see there).
+    """
+
+    def __init__(self, base: torch.Tensor, index: np.ndarray, origin: np.ndarray | None = None):
+        self.base = base
+        self.index = np.asarray(index, dtype=np.int64)
+        #: row numbers of the caller's X (for error messages); ``index`` unless cached
+        self.origin = self.index if origin is None else np.asarray(origin, dtype=np.int64)
+        n = self.index.shape[0]
+        self.start: int | None = None
+        if n and self.index[-1] - self.index[0] == n - 1 and (np.diff(self.index) == 1).all():
+            self.start = int(self.index[0])
+        self._index_t: torch.Tensor | None = None
+
+    def __len__(self) -> int:
+        return int(self.index.shape[0])
+
+    @property
+    def n_features(self) -> int:
+        return int(self.base.shape[1])
+
+    def is_view_on(self, device: torch.device, dtype: torch.dtype) -> bool:
+        """True when blocks are views: contiguous rows already on ``device`` in ``dtype``."""
+        return self.start is not None and self.base.device == device and self.base.dtype == dtype
+
+    def take(self, lo: int, hi: int, device: torch.device, dtype: torch.dtype) -> torch.Tensor:
+        """Rows ``lo:hi`` of the subset on ``device`` in ``dtype`` (read-only use)."""
+        if self.start is not None:
+            B = self.base[self.start + lo : self.start + hi]
+        else:
+            if self._index_t is None:
+                self._index_t = torch.from_numpy(self.index).to(self.base.device)
+            B = self.base.index_select(0, self._index_t[lo:hi])
+        return B.to(device=device, dtype=dtype)
+
+    def subset(self, positions: np.ndarray) -> Rows:
+        """The rows at ``positions`` of this subset."""
+        pos = np.asarray(positions, dtype=np.int64)
+        return Rows(self.base, self.index[pos], self.origin[pos])
+
+
+@dataclass
+class ScanResult:
+    """What :func:`scan` keeps per query row (CPU tensors).
+
+    Attributes
+    ----------
+    topk_values, topk_indices : Tensor of shape (n_queries, k) or None
+        Highest scores (descending) and their target positions; ``None`` if ``k=0``.
+        With ``k=1`` ties go to the lowest target position.
+    gold_score : Tensor of shape (n_queries,) or None
+        Score of each query's gold target (NaN where it has none).
+    best_other : Tensor of shape (n_queries,) or None
+        Highest score over the targets other than the gold and the excluded one
+        (``-inf`` where there are none).
+    """
+
+    topk_values: torch.Tensor | None = None
+    topk_indices: torch.Tensor | None = None
+    gold_score: torch.Tensor | None = None
+    best_other: torch.Tensor | None = None
+
+
+# -- planning -----------------------------------------------------------------------
+
+
+def check_memory_budget(memory_budget: Any) -> int:
+    """Validate ``memory_budget`` (a positive number of bytes)."""
+    if isinstance(memory_budget, bool) or not isinstance(memory_budget, int | np.integer):
+        raise TypeError(
+            f"memory_budget must be an int number of bytes, got {memory_budget!r} "
+            "(e.g. memory_budget=512 * 2**20 for 512 MiB)."
+        )
+    if memory_budget < 1:
+        raise ValueError(f"memory_budget must be a positive number of bytes, got {memory_budget}.")
+    return int(memory_budget)
+
+
+def check_k(k: Any, name: str = "k") -> int:
+    """Validate a neighbourhood size (an int >= 1)."""
+    if isinstance(k, bool) or not isinstance(k, int | np.integer) or k < 1:
+        raise ValueError(f"{name} must be an int >= 1, got {k!r}.")
+    return int(k)
+
+
+def plan_blocks(
+    n_queries: int,
+    n_targets: int,
+    n_features: int,
+    itemsize: int,
+    memory_budget: int,
+    *,
+    stream_targets: bool = False,
+) -> tuple[int, int]:
+    """Block shape ``(block_q, block_t)`` whose working memory fits ``memory_budget``.
+
+    Working memory of one step is counted as
+    ``block_q·block_t·2·itemsize`` (similarity block and one temporary)
+    ``+ block_q·d·itemsize`` (query block) ``+ block_t·d·itemsize`` (target block,
+    only when targets are gathered per block, ``stream_targets=True``).
+
+    Full-width blocks (``block_t = n_targets``) are used when at least
+    ``min(n_queries, MIN_QUERY_BLOCK)`` query rows fit, with as many query rows as
+    the budget allows; otherwise the targets are tiled too, and with a budget too
+    small even for that, one query row meets ``>= 1`` target rows per step.
+
+    Examples
+    --------
+    >>> plan_blocks(200_000, 200_000, 384, 4, 512 * 2**20)
+    (335, 200000)
+    >>> plan_blocks(10, 50, 8, 8, 1)
+    (1, 1)
+    """
+    per_entry = _ENTRY_FACTOR * itemsize
+    row = n_features * itemsize
+    t_row = row if stream_targets else 0
+
+    def cost(bq: int, bt: int) -> int:
+        return bq * bt * per_entry + bq * row + bt * t_row
+
+    bq_min = max(1, min(n_queries, MIN_QUERY_BLOCK))
+    if cost(bq_min, n_targets) <= memory_budget:
+        bq = (memory_budget - n_targets * t_row) // (n_targets * per_entry + row)
+        return max(1, min(n_queries, bq)), n_targets
+    bt = (memory_budget - bq_min * row) // (bq_min * per_entry + t_row)
+    if bt >= 1:
+        return bq_min, min(n_targets, bt)
+    bt = (memory_budget - row) // (per_entry + t_row)
+    return 1, max(1, min(n_targets, bt))
+
+
+# -- the engine ---------------------------------------------------------------------
+
+
+def _raise_non_finite_row(rows: Rows, B: torch.Tensor, lo: int) -> None:
+    """Raise naming the row of ``X`` behind the first non-finite row of block ``B``."""
+    bad = int(torch.nonzero(~torch.isfinite(B).all(dim=1)).flatten()[0]) if B.numel() else 0
+    raise_non_finite(B[bad : bad + 1], offset=int(rows.origin[lo + bad]))
+
+
+def _inverse_norms(rows: Rows, device: torch.device, dtype: torch.dtype) -> torch.Tensor:
+    """``1/‖row‖`` for every row (0 for zero rows), checking finiteness on the way."""
+    out = torch.empty(len(rows), dtype=dtype, device=device)
+    for sl in row_blocks(len(rows)):
+        B = rows.take(sl.start, sl.stop, device, dtype)
+        norms = torch.linalg.vector_norm(B, dim=1)
+        if not bool(torch.isfinite(norms).all()):
+            _raise_non_finite_row(rows, B, sl.start)
+        out[sl] = torch.where(norms > 0, 1.0 / norms, torch.zeros_like(norms))
+    return out
+
+
+def scan(
+    queries: Rows,
+    targets: Rows,
+    *,
+    similarity: str = "cosine",
+    k: int = 0,
+    gold: np.ndarray | None = None,
+    exclude: np.ndarray | None = None,
+    scorer: Scorer | None = None,
+    memory_budget: int = DEFAULT_MEMORY_BUDGET,
+    device: torch.device | str = "cpu",
+) -> ScanResult:
+    """Stream ``queries`` against ``targets`` keeping top-k, gold and best-other scores.
+
+    The score of a query ``x`` and a target ``y`` is ``cos(x, y)`` or ``x·y``
+    (``similarity``), then ``scorer`` (e.g. CSLS, the ratio margin) applied in
+    place to each block.
+
+    Parameters
+    ----------
+    queries, targets : Rows
+        Query and target rows (same number of features).
+    similarity : {"cosine", "dot"}
+    k : int, default=0
+        Neighbours to keep per query (0: none). Clipped to ``len(targets)``.
+        The excluded target is never a neighbour; the gold target may be.
+    gold : ndarray of shape (n_queries,), optional
+        Target position of each query's gold partner, ``-1`` for none.
+    exclude : ndarray of shape (n_queries,), optional
+        A target position to ignore entirely per query (``-1`` for none), e.g. the
+        query itself when queries and targets are the same rows.
+    scorer : callable, optional
+        ``scorer(S, q_slice, t_slice)`` modifies a score block in place.
+    memory_budget : int
+        Bytes of working memory (see :func:`plan_blocks`).
+    device : torch.device or str
+        Where blocks are multiplied.
+
+    Returns
+    -------
+    ScanResult
+
+    Notes
+    -----
+    Targets that are one contiguous run of rows already on ``device`` are read as
+    views.  Otherwise they are gathered and cached on ``device`` once when that
+    copy takes at most half the budget, else gathered block by block (their cost
+    is then counted in every block).
+    """
+    if similarity not in ("cosine", "dot"):
+        raise ValueError(f"similarity must be 'cosine' or 'dot', got {similarity!r}.")
+    device = torch.device(device)
+    dtype = compute_dtype(queries.base.dtype)
+    m, n, d = len(queries), len(targets), queries.n_features
+    itemsize = torch.empty((), dtype=dtype).element_size()
+    budget = memory_budget
+    stream = False
+    if not targets.is_view_on(device, dtype):
+        if n * d * itemsize <= memory_budget // 2:
+            targets = Rows(targets.take(0, n, device, dtype), np.arange(n), targets.origin)
+            budget = memory_budget - n * d * itemsize
+        else:
+            stream = True
+    bq, bt = plan_blocks(m, n, d, itemsize, budget, stream_targets=stream)
+    k = min(int(k), n)
+
+    with torch.no_grad():
+        t_inv = _inverse_norms(targets, device, dtype)  # also rejects NaN/inf, at O(n·d)
+        if similarity == "dot":
+            t_inv = None
+        res = ScanResult()
+        if k:
+            top_v = torch.full((m, k), -torch.inf, dtype=dtype, device=device)
+            top_i = torch.full((m, k), -1, dtype=torch.int64, device=device)
+        if gold is not None:
+            gold_t = torch.from_numpy(np.asarray(gold, dtype=np.int64)).to(device)
+            g_score = torch.full((m,), torch.nan, dtype=dtype, device=device)
+            other = torch.full((m,), -torch.inf, dtype=dtype, device=device)
+        excl_t = (
+            torch.from_numpy(np.asarray(exclude, dtype=np.int64)).to(device)
+            if exclude is not None
+            else None
+        )
+        for qs in row_blocks(m, bq):
+            Q = queries.take(qs.start, qs.stop, device, dtype)
+            q_norm = torch.linalg.vector_norm(Q, dim=1)
+            if not bool(torch.isfinite(q_norm).all()):
+                _raise_non_finite_row(queries, Q, qs.start)
+            q_inv = torch.where(q_norm > 0, 1.0 / q_norm, torch.zeros_like(q_norm))
+            for ts in row_blocks(n, bt):
+                T = targets.take(ts.start, ts.stop, device, dtype)
+                S = Q @ T.T
+                if t_inv is not None:
+                    S.mul_(q_inv[:, None]).mul_(t_inv[None, ts])
+                if scorer is not None:
+                    scorer(S, qs, ts)
+                if excl_t is not None:
+                    _mask(S, excl_t[qs], ts)
+                if k:
+                    _merge_topk(S, ts.start, top_v, top_i, qs, k)
+                if gold is not None:
+                    rows, cols = _in_block(gold_t[qs], ts)
+                    if rows.numel():
+                        g_score[qs.start + rows] = S[rows, cols]
+                        S[rows, cols] = -torch.inf
+                    other[qs] = torch.maximum(other[qs], S.amax(dim=1))
+        if k:
+            res.topk_values, res.topk_indices = top_v.cpu(), top_i.cpu()
+        if gold is not None:
+            res.gold_score, res.best_other = g_score.cpu(), other.cpu()
+    return res
+
+
+def _in_block(pos: torch.Tensor, ts: slice) -> tuple[torch.Tensor, torch.Tensor]:
+    """Rows whose target position ``pos`` falls in ``ts``, and its column there."""
+    hit = (pos >= ts.start) & (pos < ts.stop)
+    rows = torch.nonzero(hit).flatten()
+    return rows, pos[rows] - ts.start
+
+
+def _mask(S: torch.Tensor, pos: torch.Tensor, ts: slice) -> None:
+    rows, cols = _in_block(pos, ts)
+    if rows.numel():
+        S[rows, cols] = -torch.inf
+
+
+def _merge_topk(
+    S: torch.Tensor, offset: int, top_v: torch.Tensor, top_i: torch.Tensor, qs: slice, k: int
+) -> None:
+    """Merge a block's best ``k`` into the running top-k of rows ``qs``."""
+    if k == 1:  # argmax: first maximum wins; strict '>' keeps the earlier block on ties
+        v, i = S.max(dim=1)
+        better = v > top_v[qs, 0]
+        top_v[qs, 0] = torch.where(better, v, top_v[qs, 0])
+        top_i[qs, 0] = torch.where(better, i + offset, top_i[qs, 0])
+        return
+    kk = min(k, S.shape[1])
+    v, i = torch.topk(S, kk, dim=1)
+    if offset == 0 and kk == k:  # first block: the running top-k is still empty
+        top_v[qs], top_i[qs] = v, i
+        return
+    cat_v = torch.cat([top_v[qs], v], dim=1)
+    cat_i = torch.cat([top_i[qs], i + offset], dim=1)
+    v2, j = torch.topk(cat_v, k, dim=1)
+    top_v[qs] = v2
+    top_i[qs] = torch.gather(cat_i, 1, j)
+
+
+# -- validation shared by the pair metrics ------------------------------------------
+
+
+@dataclass
+class Paired:
+    """Validated inputs of a source→target metric.
+
+    Attributes
+    ----------
+    nx : Backend
+    base : torch.Tensor
+        ``X`` as a tensor on its own device (a view of numpy input).
+    source, target : Rows
+        All rows of each language, in row order.
+    gold : ndarray of shape (n_source,) or None
+        Position in ``target`` of each source row's translation, ``-1`` for none.
+    device : torch.device
+    """
+
+    nx: Backend
+    base: torch.Tensor
+    source: Rows
+    target: Rows
+    gold: np.ndarray | None
+    device: torch.device
+
+    @property
+    def has_partner(self) -> np.ndarray:
+        """Positions in ``source`` of the rows that have a translation in ``target``."""
+        if self.gold is None:
+            raise RuntimeError("no pair_ids were given")
+        return np.flatnonzero(self.gold >= 0)
+
+
+def _find_language(labels: np.ndarray, lang: Hashable, name: str) -> int:
+    known = labels.tolist()
+    for i, lab in enumerate(known):
+        if lab == lang:
+            return i
+    raise ValueError(f"{name} language {lang!r} does not occur in languages; found {known}.")
+
+
+def prepare(
+    X: Any,
+    languages: Any,
+    pair_ids: Any,
+    source: Hashable,
+    target: Hashable,
+    *,
+    func: str,
+    device: Any = "auto",
+    need_pairs: bool = True,
+) -> Paired:
+    """Validate ``(X, languages, pair_ids, source, target)`` for a metric named ``func``.
+
+    Raises a ValueError when lengths differ, a language is unknown, ``source ==
+    target``, or a source row's ``pair_id`` occurs on several target rows.
+    """
+    nx, X = check_X(X, name="X")
+    n = X.shape[0]
+    if languages is None:
+        raise ValueError(f"{func} needs languages= (one language label per row of X).")
+    labels, codes = check_languages(languages, n)
+    s = _find_language(labels, source, "source")
+    t = _find_language(labels, target, "target")
+    if s == t:
+        raise ValueError(
+            f"source and target are the same language {source!r}; pass two different languages."
+        )
+    src = np.flatnonzero(codes == s)
+    tgt = np.flatnonzero(codes == t)
+    gold = None
+    if need_pairs:
+        pids = check_pair_ids(pair_ids, n, required_by=func)
+        _, inv = np.unique(np.concatenate([pids[src], pids[tgt]]), return_inverse=True)
+        inv = inv.reshape(-1)
+        cs, ct = inv[: src.size], inv[src.size :]
+        n_ids = int(inv.max()) + 1
+        count_t = np.bincount(ct, minlength=n_ids)
+        dup = count_t[cs] > 1
+        if dup.any():
+            bad = src[np.argmax(dup)]
+            raise ValueError(
+                f"pair_id {pids[bad]!r} of source row {bad} occurs on {count_t[cs][dup][0]} "
+                f"rows of target language {target!r}; within one language each pair_id must "
+                "be unique (rows sharing a pair_id are translations)."
+            )
+        pos = np.full(n_ids, -1, dtype=np.int64)
+        pos[ct] = np.arange(tgt.size)
+        gold = pos[cs]
+    base = nx.to_torch(X)
+    dev = resolve_device(device, nx, X)
+    return Paired(nx, base, Rows(base, src), Rows(base, tgt), gold, dev)
+
+
+def require_pairs(p: Paired, func: str, source: Hashable, target: Hashable) -> np.ndarray:
+    """Positions of source rows with a partner; ValueError if there are none."""
+    q = p.has_partner
+    if q.size == 0:
+        raise NoPairsError(
+            f"{func}: no row of source language {source!r} shares a pair_id with a row of "
+            f"target language {target!r}; pass pair_ids that link translations."
+        )
+    return q
