@@ -117,9 +117,9 @@ def timings(devices: list[str], n: int, d: int, n_lang: int, n_ret: int) -> list
         for dv in devices:
             Xd = torch.from_numpy(X).to(dv)
             est = make(dv)
-            tf = _time(lambda est=est, Xd=Xd: est.fit(Xd, languages=L, **kw))
+            tf = _time(lambda est=est, Xd=Xd, kw=kw: est.fit(Xd, languages=L, **kw))
             tkw = {} if name == "LSAR" else {"languages": L}
-            tt = _time(lambda est=est, Xd=Xd: est.transform(Xd, **tkw))
+            tt = _time(lambda est=est, Xd=Xd, tkw=tkw: est.transform(Xd, **tkw))
             cells.append(f"{tf:.3f} / {tt:.3f}")
         rows.append(f"| {name} fit / transform ({n:,}×{d}×{n_lang}) | " + " | ".join(cells) + " |")
     Xr, Lr, Pr = _data(2 * n_ret, 384, 2)
@@ -128,7 +128,7 @@ def timings(devices: list[str], n: int, d: int, n_lang: int, n_ret: int) -> list
         for dv in devices:
             Xd = torch.from_numpy(Xr).to(dv)
             t = _time(
-                lambda Xd=Xd, dv=dv: metrics.retrieval_accuracy(
+                lambda Xd=Xd, dv=dv, scoring=scoring: metrics.retrieval_accuracy(
                     Xd, Lr, Pr, "en", "l1", scoring=scoring, device=dv
                 ),
                 repeat=1,
