@@ -7,13 +7,19 @@ Estimators (scikit-learn style; ``languages=`` and ``pair_ids=`` are per-row met
 - :class:`ProcrustesAligner` — orthogonal map of each language into a pivot (Wang et al. 2019)
 - :class:`PerLayer`, :class:`RotateAlign` — per-layer application (Kulshreshtha et al. 2020)
 - :class:`LSAR` — low-rank language-subspace removal (Xie et al. 2022)
+- :class:`LanguageEraser` — LEACE with the language as the concept (Belrose et al. 2023)
+- :class:`LanguageAxes` — language-sensitive / neutral axes (Chang et al. 2022)
+- :class:`GeneralizedProcrustes` — pivot-free alignment to a consensus (Gower 1975)
 
 ``load(path)`` reads an estimator written by ``est.save(path)``.
 """
 
 from ._validation import ALL_ROWS
 from ._version import __version__
+from .axes import LanguageAxes
 from .centering import LanguageMeanCentering
+from .erasure import LanguageEraser
+from .generalized_procrustes import GeneralizedProcrustes
 from .lsar import LSAR
 from .per_layer import PerLayer, RotateAlign
 from .persistence import load
@@ -29,5 +35,8 @@ __all__ = [
     "PerLayer",
     "RotateAlign",
     "LSAR",
+    "LanguageEraser",
+    "LanguageAxes",
+    "GeneralizedProcrustes",
     "load",
 ]

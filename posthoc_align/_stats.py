@@ -124,7 +124,28 @@ class LanguageMoments:
     def update(
         self, T: torch.Tensor, labels: np.ndarray, codes: np.ndarray, *, name: str = "X"
     ) -> LanguageMoments:
-        """Add the rows of ``T`` (torch, any device) with language ``labels[codes]``."""
+        """Add the rows of ``T`` (torch, any device) with language ``labels[codes]``.
+
+        All or nothing: if the batch holds NaN/inf the error leaves the moments as
+        they were (no half-registered language).
+        """
+        saved = (
+            list(self.labels),
+            dict(self.index),
+            self.counts,
+            self.shift,
+            self.sums,
+            self.sumsq,
+        )
+        try:
+            return self._update(T, labels, codes, name)
+        except Exception:
+            (self.labels, self.index, self.counts, self.shift, self.sums, self.sumsq) = saved
+            raise
+
+    def _update(
+        self, T: torch.Tensor, labels: np.ndarray, codes: np.ndarray, name: str
+    ) -> LanguageMoments:
         if T.shape[0] == 0:
             return self
         if self.sums is not None and self.sums.shape[1] != T.shape[1]:
@@ -151,10 +172,10 @@ class LanguageMoments:
             acc_q is not None and not bool(torch.isfinite(acc_q).all())
         ):
             raise_non_finite(T, name)
-        self.sums += acc_s.cpu().numpy()
+        self.sums = self.sums + acc_s.cpu().numpy()
         if acc_q is not None:
-            self.sumsq += acc_q.cpu().numpy()
-        self.counts += np.bincount(gcodes, minlength=L)
+            self.sumsq = self.sumsq + acc_q.cpu().numpy()
+        self.counts = self.counts + np.bincount(gcodes, minlength=L)
         return self
 
     @classmethod

@@ -34,6 +34,7 @@ from typing import Any
 import numpy as np
 from sklearn.base import BaseEstimator
 
+from ._covariance import ScatterMoments
 from ._stats import LanguageMoments, PairMoments
 from ._version import __version__
 
@@ -43,7 +44,11 @@ FORMAT = "posthoc_align.estimator"
 FORMAT_VERSION = 1
 _CONFIG = "config.json"
 _ARRAYS = "arrays.safetensors"
-_OBJECTS = {"LanguageMoments": LanguageMoments, "PairMoments": PairMoments}
+_OBJECTS = {
+    "LanguageMoments": LanguageMoments,
+    "PairMoments": PairMoments,
+    "ScatterMoments": ScatterMoments,
+}
 
 
 def _registry() -> dict[str, type]:
@@ -123,7 +128,9 @@ def save(est: BaseEstimator, path: str | Path) -> None:
         else:
             params[k] = _json_value(v)
     for k, v in vars(est).items():
-        if k in ("_moments", "_pairs") and isinstance(v, LanguageMoments | PairMoments):
+        if k in ("_moments", "_pairs", "_scatter") and isinstance(
+            v, LanguageMoments | PairMoments | ScatterMoments
+        ):
             meta, arrs = v.state()
             objects[k] = {"type": type(v).__name__, "meta": _json_value(meta)}
             for name, a in arrs.items():

@@ -193,3 +193,16 @@ def test_float32_large_mean_precision(rng):
     est = LanguageStandardizer().fit(X)
     ref = X.astype(np.float64).var(0)
     np.testing.assert_allclose(est.vars_[0], ref, rtol=1e-9)
+
+
+def test_nan_batch_leaves_moments_untouched(rng):
+    X = rng.normal(size=(20, 3))
+    est = LanguageMeanCentering().partial_fit(X[:10], languages=["a"] * 10)
+    bad = X[10:].copy()
+    bad[-1, 0] = np.nan
+    with pytest.raises(ValueError, match="NaN"):
+        est.partial_fit(bad, languages=["b"] * 10)
+    est.partial_fit(X[10:], languages=["b"] * 10)
+    ref = LanguageMeanCentering().fit(X, languages=["a"] * 10 + ["b"] * 10)
+    np.testing.assert_allclose(est.means_, ref.means_, atol=1e-12)
+    np.testing.assert_array_equal(est.counts_, [10, 10])

@@ -1,0 +1,408 @@
+"""Language-sensitive (LDA) and language-neutral axes (Chang, Tu & Bergen 2022)."""
+
+from __future__ import annotations
+
+import numbers
+from typing import Any
+
+import numpy as np
+import scipy.linalg
+import torch
+from sklearn.base import _fit_context
+from sklearn.utils import metadata_routing
+from sklearn.utils._param_validation import Interval, StrOptions
+from sklearn.utils.validation import _generate_get_feature_names_out, check_is_fitted
+
+from ._apply import project_out
+from ._backend import DEVICE_CONSTRAINT
+from ._base import LanguageTransformerMixin, languages_array
+from ._covariance import ScatterMoments
+from ._stats import row_blocks
+from ._validation import check_languages, raise_non_finite
+from .lsar import language_subspace
+
+__all__ = ["LanguageAxes"]
+
+#: Ridge added to the within-language scatter before the generalised eigenproblem,
+#: relative to its mean eigenvalue ``trace(S_w) / d``.
+LDA_RIDGE = 1e-6
+
+
+def _flip_signs(axes: np.ndarray) -> np.ndarray:
+    """Make the largest-magnitude entry of every row positive (deterministic signs)."""
+    if axes.size == 0:
+        return axes
+    big = np.argmax(np.abs(axes), axis=1)
+    signs = np.sign(axes[np.arange(axes.shape[0]), big])
+    signs[signs == 0] = 1.0
+    return axes * signs[:, None]
+
+
+class LanguageAxes(LanguageTransformerMixin):
+    """Find language-sensitive and language-neutral axes; remove or keep them.
+
+    Chang, Tu & Bergen (2022), "The Geometry of Multilingual Language Model
+    Representations" (EMNLP), §4: the language means differ along
+    *language-sensitive* axes, found by linear discriminant analysis over the
+    language labels, while *language-neutral* axes carry information shared by
+    all languages.
+
+    **Sensitive axes** (LDA, Fisher): with per-language means ``μ_l``, counts
+    ``n_l``, global mean ``μ``, the within- and between-language scatters::
+
+        S_w = Σ_l Σ_{i ∈ l} (x_i − μ_l)(x_i − μ_l)ᵀ,   S_b = Σ_l n_l (μ_l − μ)(μ_l − μ)ᵀ
+
+    solve ``S_b v = λ (S_w + ε I) v`` (``scipy.linalg.eigh``, ridge
+    ``ε = 1e-6 · trace(S_w) / d``) and keep the ``min(L − 1, d)`` axes of largest
+    ``λ`` (between- over within-language sum of squares along ``v``), as unit
+    rows in ``sensitive_axes_`` with ``λ`` in ``sensitive_scores_``.
+
+    **Neutral axes**: an orthonormal basis of PCA axes of the pooled
+    within-language covariance ``Σ_w = S_w / n``, computed separately inside the
+    span ``M`` of the language-mean differences (rank ``r ≤ L − 1``, the subspace
+    of :class:`LSAR`) and inside its orthogonal complement, so that no axis mixes
+    the two (a plain PCA of ``Σ_w`` with near-equal variances would spread the
+    mean differences over many axes; every complement axis has exactly equal
+    language means). Each axis ``v``, with pooled variance ``σ²(v) = vᵀ Σ_w v``,
+    gets the score::
+
+        score(v) = Σ_l π_l (m_l − m̄)² / σ²(v)  +  Σ_l π_l (s²_l − σ²(v))² / σ⁴(v)
+
+    where ``π_l = n_l / n``, ``m_l = μ_lᵀv`` the language's projected mean,
+    ``m̄ = μᵀv``, and ``s²_l = vᵀ S_l v / n_l`` its projected variance (ddof=0;
+    ``σ²(v) = Σ_l π_l s²_l``). The first term is the Fisher ratio of the axis
+    (disagreement of the means), the second the squared coefficient of
+    variation of the per-language variances (disagreement of the spreads); both
+    are scale-free, and 0 means every language has the same mean and variance
+    along ``v``. Axes are ranked by ascending score; axes with zero pooled
+    variance score ``inf``; ties keep the order complement axes first, each
+    block by decreasing variance (with one language: plain PCA order). If the
+    means differ in fewer than ``L − 1`` directions beyond sampling noise, the
+    noise directions of ``M`` still bound the complement and tilt its axes.
+
+    Parameters
+    ----------
+    n_sensitive : int or None, default=None
+        Number of sensitive axes removed by ``mode="remove_sensitive"``. None:
+        ``L − 1`` (all of them). More than ``L − 1`` is an error.
+    mode : {"remove_sensitive", "keep_neutral"}, default="remove_sensitive"
+        ``"remove_sensitive"``: project the top ``n_sensitive`` sensitive axes
+        out (output keeps ``n_features`` columns). ``"keep_neutral"``: return
+        the coordinates ``(x − μ)ᵀv`` on the top ``n_neutral`` neutral axes.
+    n_neutral : int or None, default=None
+        Number of neutral axes kept by ``mode="keep_neutral"``. None:
+        ``max(d − (L − 1), 1)``. At most ``n_features``.
+    device : {"auto", "cpu", "cuda"} or torch.device, default="auto"
+        Where the statistics and transforms are computed (the LDA eigenproblem
+        runs in scipy on the host).
+
+    Attributes
+    ----------
+    languages_ : ndarray of shape (n_languages,)
+    counts_ : ndarray of shape (n_languages,)
+    means_ : ndarray of shape (n_languages, n_features)
+    global_mean_ : ndarray of shape (n_features,)
+    sensitive_axes_ : ndarray of shape (min(n_languages − 1, n_features), n_features)
+        Unit-norm LDA directions, most discriminative first (not orthogonal).
+    sensitive_scores_ : ndarray of shape (min(n_languages − 1, n_features),)
+        Their generalised eigenvalues ``λ``, descending.
+    neutral_axes_ : ndarray of shape (n_features, n_features)
+        Orthonormal axes (see above), most neutral first.
+    neutral_scores_ : ndarray of shape (n_features,)
+        Their scores, ascending.
+    n_sensitive_, n_neutral_ : int
+        Resolved numbers of axes.
+    components_ : ndarray of shape (n_components, n_features)
+        What ``transform`` uses: an orthonormal basis of the removed span
+        (``"remove_sensitive"``; QR of the selected sensitive axes), or the kept
+        neutral axes (``"keep_neutral"``).
+    n_features_in_ : int
+
+    See Also
+    --------
+    LSAR : removes the span of the language means (orthogonal projection).
+    LanguageEraser : LEACE, the least-squares optimal erasure with a guarantee.
+
+    Notes
+    -----
+    One streaming pass accumulates, in float64 and per language, counts, sums
+    and a d×d scatter matrix (:class:`posthoc_align._covariance.ScatterMoments`;
+    memory ``L·d²`` float64 on the host, needed for the per-language variances
+    of the neutral score). ``partial_fit`` over any chunking equals ``fit`` up to
+    rounding.
+
+    LDA axes are discriminant directions (filters), not orthonormal: removal
+    projects orthogonally onto the complement of their span, through the global
+    mean (the basis is orthonormalised by a QR decomposition of the selected
+    axes, then :func:`posthoc_align._apply.project_out`). This sets every LDA
+    coordinate to the global mean's. When the within-language covariance is
+    isotropic on the span of the mean differences, this also makes the language
+    means coincide; otherwise some mean difference may remain (use
+    :class:`LSAR` or :class:`LanguageEraser` for that guarantee). The ridge makes
+    the problem well posed when ``S_w`` is singular (``d ≥ n − L``); the axes then
+    depend on it, so reduce the dimension first in that regime.
+
+    Examples
+    --------
+    >>> import numpy as np
+    >>> from posthoc_align.axes import LanguageAxes
+    >>> rng = np.random.default_rng(0)
+    >>> X = rng.normal(size=(300, 4))
+    >>> langs = np.repeat(["en", "fr", "de"], 100)
+    >>> X[langs == "fr", 0] += 5.0
+    >>> X[langs == "de", 1] += 5.0
+    >>> axes = LanguageAxes().fit(X, languages=langs)
+    >>> bool(np.abs(axes.sensitive_axes_[:, 2:]).max() < 0.2)
+    True
+    >>> LanguageAxes(mode="keep_neutral", n_neutral=2).fit_transform(X, languages=langs).shape
+    (300, 2)
+    """
+
+    # transform takes no labels: never route ``languages`` to it
+    __metadata_request__transform = {"languages": metadata_routing.UNUSED}
+
+    _parameter_constraints: dict = {
+        "n_sensitive": [Interval(numbers.Integral, 0, None, closed="left"), None],
+        "mode": [StrOptions({"remove_sensitive", "keep_neutral"})],
+        "n_neutral": [Interval(numbers.Integral, 1, None, closed="left"), None],
+        "device": DEVICE_CONSTRAINT,
+    }
+
+    def __init__(
+        self,
+        *,
+        n_sensitive: int | None = None,
+        mode: str = "remove_sensitive",
+        n_neutral: int | None = None,
+        device: Any = "auto",
+    ):
+        self.n_sensitive = n_sensitive
+        self.mode = mode
+        self.n_neutral = n_neutral
+        self.device = device
+
+    def _reset(self) -> None:
+        for attr in (
+            "_scatter",
+            "languages_",
+            "counts_",
+            "means_",
+            "global_mean_",
+            "sensitive_axes_",
+            "sensitive_scores_",
+            "neutral_axes_",
+            "neutral_scores_",
+            "n_sensitive_",
+            "n_neutral_",
+            "components_",
+            "n_features_in_",
+            "feature_names_in_",
+        ):
+            if hasattr(self, attr):
+                delattr(self, attr)
+
+    @_fit_context(prefer_skip_nested_validation=True)
+    def fit(self, X, y=None, languages=None):
+        """Find the sensitive and neutral axes.
+
+        Parameters
+        ----------
+        X : array-like or tensor of shape (n_rows, n_features)
+        y : ignored
+        languages : array-like of shape (n_rows,), default=None
+            None means one language: no sensitive axes, and the neutral axes
+            are the PCA axes.
+
+        Returns
+        -------
+        self
+        """
+        self._reset()
+        return self._partial_fit(X, languages)
+
+    @_fit_context(prefer_skip_nested_validation=True)
+    def partial_fit(self, X, y=None, languages=None):
+        """Add a batch to the per-language scatter matrices and refit the axes."""
+        return self._partial_fit(X, languages)
+
+    def _partial_fit(self, X, languages):
+        first = not hasattr(self, "_scatter")
+        if first and hasattr(self, "languages_"):
+            raise ValueError(
+                "this LanguageAxes has no streaming statistics (it was loaded from a save "
+                "that holds only the fitted axes); partial_fit cannot continue it. Call "
+                "fit() on all the data instead."
+            )
+        nx, X, dev = self._validate(X, reset=first)
+        labels, codes = check_languages(languages, X.shape[0])
+        s = ScatterMoments() if first else self._scatter
+        n_lang = len(set(s.labels) | set(labels.tolist()))
+        n_rows = int(s.counts.sum()) + X.shape[0]
+        self._check_sizes(n_lang, n_rows, X.shape[1])
+        s.update(nx.to_torch(X, dev), labels, codes)
+        self._scatter = s
+        self._solve(dev)
+        return self
+
+    def _check_sizes(self, n_lang: int, n_rows: int, d: int) -> None:
+        k_max = min(n_lang - 1, d)
+        if self.n_sensitive is not None and self.n_sensitive > k_max:
+            raise ValueError(
+                f"n_sensitive={self.n_sensitive} is larger than the number of LDA axes, "
+                f"min(L - 1, n_features) = {k_max} for {n_lang} language(s) and {d} "
+                f"feature(s); LDA over L languages has at most L - 1 discriminant axes. "
+                f"Use n_sensitive <= {k_max} or None."
+            )
+        if self.n_neutral is not None and self.n_neutral > d:
+            raise ValueError(
+                f"n_neutral={self.n_neutral} is larger than n_features={d}; use "
+                f"n_neutral <= {d} or None."
+            )
+        if n_lang >= 2 and n_rows <= n_lang:
+            raise ValueError(
+                f"LanguageAxes needs more rows than languages to estimate the "
+                f"within-language scatter; got {n_rows} row(s) for {n_lang} languages. "
+                "Give at least one language two or more rows."
+            )
+
+    def _solve(self, dev: torch.device) -> None:
+        s = self._scatter
+        order = np.argsort(np.asarray(s.labels), kind="stable")
+        counts = s.counts[order]
+        means = s.means()[order]
+        scat = s.scatters()[order]
+        mu = s.moments.global_mean()
+        n, n_lang, d = float(counts.sum()), len(order), means.shape[1]
+        self.languages_ = languages_array(s.labels)
+        self.counts_ = counts.astype(np.int64)
+        self.means_ = means
+        self.global_mean_ = mu
+        Sw = scat.sum(0)
+
+        # -- sensitive axes: LDA ------------------------------------------------
+        k_max = min(n_lang - 1, d)
+        if k_max > 0:
+            dm = means - mu
+            Sb = (dm * counts[:, None]).T @ dm
+            tr = float(np.trace(Sw))
+            if not tr > 0:
+                raise ValueError(
+                    "the within-language scatter is zero (every language's rows are "
+                    "identical), so the LDA axes are undefined; pass varied rows."
+                )
+            ridge = LDA_RIDGE * tr / d
+            evals, evecs = scipy.linalg.eigh(
+                Sb, Sw + ridge * np.eye(d), subset_by_index=[d - k_max, d - 1]
+            )
+            axes = evecs[:, ::-1].T
+            axes = _flip_signs(axes / np.linalg.norm(axes, axis=1, keepdims=True))
+            self.sensitive_axes_ = np.ascontiguousarray(axes)
+            self.sensitive_scores_ = np.ascontiguousarray(np.maximum(evals[::-1], 0.0))
+        else:
+            self.sensitive_axes_, self.sensitive_scores_ = np.zeros((0, d)), np.zeros(0)
+
+        # -- neutral axes: PCA of the pooled within covariance, inside the span of
+        # the language-mean differences and inside its complement, ranked ---------
+        Vh, sv = language_subspace(means, dev)
+        tol = max(float(np.abs(means).max()), 1e-300) * max(n_lang, d) * 1e3 * np.finfo(float).eps
+        r = int((sv > tol).sum())
+        Cw = torch.from_numpy(Sw / n).to(dev)
+        if r:  # orthonormal bases of the complement and of the mean-difference span
+            M = torch.from_numpy(np.ascontiguousarray(Vh[:r])).to(dev)
+            basis = torch.linalg.svd(M, full_matrices=True)[2]
+            blocks = [B for B in (basis[r:], basis[:r]) if B.shape[0]]
+        else:
+            blocks = [torch.eye(d, dtype=Cw.dtype, device=dev)]
+        parts = []
+        for B in blocks:
+            lam_b, E = torch.linalg.eigh(B @ Cw @ B.T)
+            parts.append((E.flip(1).T @ B, lam_b.flip(0)))  # largest variance first
+        V = torch.cat([p[0] for p in parts]).T  # (d, d), columns are the axes
+        lam = torch.cat([p[1] for p in parts]).clamp_min(0.0)
+        # deviations are formed before projecting, so one language scores exactly 0
+        pi_np = counts / n
+        D_l = torch.from_numpy(scat / counts[:, None, None] - Sw / n).to(dev)
+        dev_var = ((D_l @ V) * V).sum(1)  # s²_l − σ², shape (L, d)
+        pi = torch.from_numpy(pi_np).to(dev)
+        proj = torch.from_numpy(means - pi_np @ means).to(dev) @ V  # m_l − m̄, (L, d)
+        between = (pi[:, None] * proj**2).sum(0)
+        spread = (pi[:, None] * dev_var**2).sum(0)
+        lam_max = float(lam.max()) if d else 0.0
+        zero = lam <= max(lam_max * d * torch.finfo(torch.float64).eps, 1e-300)
+        safe = torch.where(zero, torch.ones_like(lam), lam)
+        score = torch.where(zero, torch.full_like(lam, np.inf), between / safe + spread / safe**2)
+        rank = np.argsort(score.cpu().numpy(), kind="stable")
+        self.neutral_axes_ = _flip_signs(np.ascontiguousarray(V.cpu().numpy()[:, rank].T))
+        self.neutral_scores_ = score.cpu().numpy()[rank]
+
+        # -- what transform uses --------------------------------------------------
+        self.n_sensitive_ = k_max if self.n_sensitive is None else int(self.n_sensitive)
+        self.n_neutral_ = max(d - k_max, 1) if self.n_neutral is None else int(self.n_neutral)
+        if self.mode == "keep_neutral":
+            self.components_ = np.ascontiguousarray(self.neutral_axes_[: self.n_neutral_])
+        elif self.n_sensitive_ == 0:
+            self.components_ = np.zeros((0, d))
+        else:
+            A = torch.from_numpy(self.sensitive_axes_[: self.n_sensitive_].T.copy()).to(dev)
+            Q, _ = torch.linalg.qr(A)
+            self.components_ = np.ascontiguousarray(Q.T.cpu().numpy())
+
+    def transform(self, X):
+        """Remove the sensitive axes, or return the coordinates on the neutral axes.
+
+        Parameters
+        ----------
+        X : array-like or tensor of shape (n_rows, n_features)
+
+        Returns
+        -------
+        X_new : same type as X, shape (n_rows, n_features) with
+            ``mode="remove_sensitive"``, (n_rows, n_neutral_) with
+            ``mode="keep_neutral"``
+        """
+        check_is_fitted(self)
+        nx, Xc, dev = self._validate(X, reset=False)
+        T = nx.to_torch(Xc, dev)
+        if self.mode == "keep_neutral":
+            out = _coordinates(T, self.components_, self.global_mean_)
+        else:
+            out = project_out(T, self.components_, center=self.global_mean_)
+        return nx.from_torch(out, like=Xc)
+
+    def fit_transform(self, X, y=None, languages=None):
+        """Fit on ``X`` with ``languages``, then transform ``X``."""
+        return self.fit(X, y, languages=languages).transform(X)
+
+    @property
+    def _n_features_out(self) -> int:
+        return self.components_.shape[0] if self.mode == "keep_neutral" else self.n_features_in_
+
+    def get_feature_names_out(self, input_features=None):
+        """Output feature names.
+
+        ``"remove_sensitive"``: the input names. ``"keep_neutral"``:
+        ``languageaxes0``, ``languageaxes1``, … (one per kept axis).
+        """
+        check_is_fitted(self)
+        if self.mode == "keep_neutral":
+            return _generate_get_feature_names_out(
+                self, self._n_features_out, input_features=input_features
+            )
+        return super().get_feature_names_out(input_features)
+
+
+def _coordinates(
+    T: torch.Tensor, axes: np.ndarray, center: np.ndarray, name: str = "X"
+) -> torch.Tensor:
+    """``(x − center) axesᵀ`` in row blocks, shape (n, k)."""
+    dev = T.device
+    cdt = T.dtype if T.dtype in (torch.float32, torch.float64) else torch.float64
+    A = torch.from_numpy(np.ascontiguousarray(axes)).to(dev, cdt)
+    c = torch.from_numpy(center).to(dev, cdt)
+    out = torch.empty((T.shape[0], A.shape[0]), dtype=cdt, device=dev)
+    for sl in row_blocks(T.shape[0]):
+        x = T[sl].to(cdt)
+        if not bool(torch.isfinite(x).all()):
+            raise_non_finite(x, name, offset=sl.start)
+        torch.matmul(x - c, A.T, out=out[sl])
+    return out

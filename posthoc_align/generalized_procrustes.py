@@ -1,0 +1,475 @@
+"""Generalised Procrustes analysis: every language into one shared space, no pivot."""
+
+from __future__ import annotations
+
+import numbers
+import warnings
+from collections.abc import Hashable
+from typing import Any
+
+import numpy as np
+import torch
+from sklearn.base import _fit_context
+from sklearn.exceptions import ConvergenceWarning
+from sklearn.utils._param_validation import Interval
+from sklearn.utils.validation import check_is_fitted
+
+from ._apply import affine_by_language
+from ._backend import DEVICE_CONSTRAINT
+from ._base import LanguageTransformerMixin, languages_array
+from ._covariance import check_finite_rows
+from ._stats import LanguageMoments, _labels_list, _RowStore, row_blocks
+from ._validation import check_languages, check_pair_ids
+from .procrustes import orthogonal_map
+
+__all__ = ["GeneralizedProcrustes"]
+
+
+class GeneralizedProcrustes(LanguageTransformerMixin):
+    """Rotate every language into a shared consensus space (no pivot language).
+
+    Generalised Procrustes analysis (Gower 1975, "Generalized Procrustes
+    analysis", Psychometrika 40) as used for multilingual embedding spaces by
+    Kementchedjhieva et al. (2018), "Generalizing Procrustes Analysis for Better
+    Bilingual Dictionary Induction" (CoNLL), §3. With ``y_{l,p}`` the (centred)
+    row of language ``l`` with pair id ``p``, minimise over orthogonal ``W_l``::
+
+        Σ_p Σ_{l ∈ p} ‖y_{l,p} W_l − c_p‖²,    c_p = (1/m_p) Σ_{k ∈ p} y_{k,p} W_k
+
+    (``m_p`` the number of languages holding ``p``) by alternating: compute the
+    consensus ``c`` from the current maps, then give every language at once its
+    orthogonal Procrustes map to the consensus, ``W_l = U Vᵀ`` with
+    ``U Σ Vᵀ = Σ_p y_{l,p}ᵀ c_p`` (Schönemann 1966). Starting from ``W_l = I``
+    and updating all languages simultaneously, no language is privileged: the
+    result does not depend on the order of languages or rows, and the shared
+    space is the consensus of the input frames (GPA fixes it only up to one
+    global rotation). ``transform`` maps ``x ↦ (x − μ_l) W_l``.
+
+    Parameters
+    ----------
+    n_iter : int, default=20
+        Maximum number of alternating updates.
+    tol : float, default=1e-8
+        Stop when one update lowers the objective (mean squared distance of a
+        paired row to its consensus) by at most ``tol`` times the mean squared
+        norm of the centred paired rows. Convergence is linear, and the maps
+        are then accurate to about ``sqrt(tol)`` relative; ``tol=0`` iterates
+        until the objective stops decreasing (the numerical floor) or ``n_iter``.
+    center : bool, default=True
+        Centre every language by its own mean over all its fitted rows before
+        fitting and at transform; with False, ``x ↦ x W_l``.
+    device : {"auto", "cpu", "cuda"} or torch.device, default="auto"
+        Where the iterations run.
+
+    Attributes
+    ----------
+    languages_ : ndarray of shape (n_languages,)
+    means_ : ndarray of shape (n_languages, n_features)
+        Per-language means over all fitted rows.
+    rotations_ : ndarray of shape (n_languages, n_features, n_features)
+        ``W_l``, applied as ``(x − μ_l) @ W_l``.
+    n_pairs_ : ndarray of shape (n_languages,)
+        Rows of each language that entered the fit (pair id shared with at
+        least one other language).
+    objective_ : ndarray of shape (n_iter_ + 1,)
+        Objective before the first update and after each update.
+    n_iter_ : int
+        Updates performed.
+    converged_ : bool
+    unpaired_languages_ : list
+        Languages sharing no pair id with another language yet (partial_fit);
+        they cannot be transformed.
+    n_features_in_ : int
+
+    See Also
+    --------
+    ProcrustesAligner : maps every language into one pivot language.
+
+    Notes
+    -----
+    Pair ids: rows sharing a ``pair_id`` in different languages are
+    translations; each id may occur at most once per language. An id may be
+    missing in some languages: its consensus is the mean over the languages that
+    have it, and ids held by a single language do not enter the fit (they still
+    count for the language mean). Every language must share ids with another,
+    and the languages must be connected through shared ids (otherwise the groups
+    would be aligned independently, in unrelated frames): both are errors.
+
+    Centring (as in :class:`ProcrustesAligner`) uses each language's mean over
+    all its fitted rows. When languages hold different sentences (missing pair
+    ids), these means also differ by content, a translation that rotations
+    cannot undo: pair the same sentences, or centre beforehand and use
+    ``center=False``.
+
+    Memory: unlike the pivot aligner, the iterations need the rows themselves.
+    Every fitted row is kept on the host in float64 until the end of ``fit``
+    (``partial_fit`` keeps them all, since a later batch may complete a pair),
+    and the paired rows are copied to ``device`` for the iterations, which cost
+    O(n_paired · d²) each; no n×n matrix is formed. ``fit`` drops the rows at its
+    end, so ``partial_fit`` cannot continue a ``fit`` (or a loaded estimator);
+    each ``partial_fit`` reruns the whole GPA from the identity (so it equals
+    ``fit`` on the data so far). Orthogonal maps only: no scaling. Fewer paired
+    rows than dimensions leave a map non-unique (a warning).
+
+    Examples
+    --------
+    >>> import numpy as np
+    >>> from scipy.stats import ortho_group
+    >>> from posthoc_align.generalized_procrustes import GeneralizedProcrustes
+    >>> rng = np.random.default_rng(0)
+    >>> S = rng.normal(size=(50, 4))
+    >>> X = np.vstack([S @ ortho_group.rvs(4, random_state=k) for k in range(3)])
+    >>> langs = np.repeat(["de", "en", "fr"], 50)
+    >>> ids = np.tile(np.arange(50), 3)
+    >>> Z = GeneralizedProcrustes().fit_transform(X, languages=langs, pair_ids=ids)
+    >>> bool(np.allclose(Z[:50], Z[50:100]) and np.allclose(Z[:50], Z[100:]))
+    True
+    """
+
+    __metadata_request__fit = {"languages": True, "pair_ids": True}
+    __metadata_request__partial_fit = {"languages": True, "pair_ids": True}
+
+    _parameter_constraints: dict = {
+        "n_iter": [Interval(numbers.Integral, 1, None, closed="left")],
+        "tol": [Interval(numbers.Real, 0, None, closed="left")],
+        "center": ["boolean"],
+        "device": DEVICE_CONSTRAINT,
+    }
+
+    def __init__(
+        self,
+        *,
+        n_iter: int = 20,
+        tol: float = 1e-8,
+        center: bool = True,
+        device: Any = "auto",
+    ):
+        self.n_iter = n_iter
+        self.tol = tol
+        self.center = center
+        self.device = device
+
+    def _reset(self) -> None:
+        for attr in (
+            "_moments",
+            "_rows",
+            "languages_",
+            "means_",
+            "rotations_",
+            "n_pairs_",
+            "objective_",
+            "n_iter_",
+            "converged_",
+            "unpaired_languages_",
+            "n_features_in_",
+            "feature_names_in_",
+        ):
+            if hasattr(self, attr):
+                delattr(self, attr)
+
+    @_fit_context(prefer_skip_nested_validation=True)
+    def fit(self, X, y=None, languages=None, pair_ids=None):
+        """Fit one orthogonal map per language by generalised Procrustes analysis.
+
+        Parameters
+        ----------
+        X : array-like or tensor of shape (n_rows, n_features)
+        y : ignored
+        languages : array-like of shape (n_rows,)
+            Language of each row (at least two languages).
+        pair_ids : array-like of shape (n_rows,)
+            Rows sharing an id are translations.
+
+        Returns
+        -------
+        self
+        """
+        self._reset()
+        self._partial_fit(X, languages, pair_ids)
+        self._check_complete()
+        self._rows = None  # fit is final: release the kept rows
+        return self
+
+    @_fit_context(prefer_skip_nested_validation=True)
+    def partial_fit(self, X, y=None, languages=None, pair_ids=None):
+        """Add a batch of rows (kept in memory) and rerun GPA on all rows so far."""
+        return self._partial_fit(X, languages, pair_ids)
+
+    def _partial_fit(self, X, languages, pair_ids):
+        first = not hasattr(self, "_moments")
+        if not first and getattr(self, "_rows", None) is None:
+            raise RuntimeError(
+                "GeneralizedProcrustes keeps no rows after fit() (or after loading), and GPA "
+                "needs them all; to stream batches, start with partial_fit() instead of fit()."
+            )
+        nx, X, dev = self._validate(X, reset=first)
+        if languages is None:
+            raise ValueError(
+                "GeneralizedProcrustes needs languages= (one label per row) to know which "
+                "rows share a rotation."
+            )
+        labels, codes = check_languages(languages, X.shape[0])
+        pids = check_pair_ids(pair_ids, X.shape[0], required_by="GeneralizedProcrustes")
+        T = nx.to_torch(X, dev)
+        check_finite_rows(T)
+        rows: dict[Hashable, _RowStore] = {} if first else self._rows
+        staged = _stage_rows(T, labels, codes, pids, rows)  # validates ids before any change
+        if first:
+            self._moments = LanguageMoments()
+        self._moments.update(T, labels, codes)
+        for lab, (R, ids) in staged.items():
+            rows.setdefault(lab, _RowStore()).add(R, ids)
+        self._rows = rows
+        self._solve(dev)
+        return self
+
+    def _solve(self, dev: torch.device) -> None:
+        m = self._moments
+        order = np.argsort(np.asarray(m.labels), kind="stable")
+        self.languages_ = languages_array(m.labels)
+        self.means_ = m.means()[order]
+        langs = self.languages_.tolist()
+        n_lang, d = len(langs), self.means_.shape[1]
+        Y, lang_of, pair_of, n_pair_ids = _paired_rows(self._rows, langs)
+        self.n_pairs_ = np.bincount(lang_of, minlength=n_lang).astype(np.int64)
+        self.unpaired_languages_ = [
+            lab for lab, k in zip(langs, self.n_pairs_, strict=True) if k == 0
+        ]
+        rot = np.tile(np.eye(d), (n_lang, 1, 1))
+        if Y.shape[0] == 0:
+            self.rotations_, self.objective_ = rot, np.zeros(0)
+            self.n_iter_, self.converged_ = 0, False
+            return
+        Yt = torch.from_numpy(Y).to(dev)
+        if self.center:
+            Yt -= torch.from_numpy(self.means_).to(dev)[torch.from_numpy(lang_of).to(dev)]
+        W, history, converged = _gpa(Yt, pair_of, lang_of, n_pair_ids, self.n_iter, self.tol)
+        for i in np.flatnonzero(self.n_pairs_):
+            rot[i] = W[i]
+        self.rotations_ = rot
+        self.objective_ = np.asarray(history)
+        self.n_iter_ = len(history) - 1
+        self.converged_ = converged
+
+    def _check_complete(self) -> None:
+        if len(self.languages_) < 2:
+            raise ValueError(
+                f"GeneralizedProcrustes needs at least two languages; got "
+                f"{self.languages_.tolist()}."
+            )
+        if self.unpaired_languages_:
+            raise ValueError(
+                f"language(s) {self.unpaired_languages_} share no pair_id with any other "
+                "language, so they cannot be aligned. Give translations the same pair_id, "
+                "or drop those languages."
+            )
+        groups = _connected_groups(self._rows, self.languages_.tolist())
+        if len(groups) > 1:
+            raise ValueError(
+                f"the languages fall into {len(groups)} groups that share no pair_id with "
+                f"each other: {groups}. GPA would align each group in its own unrelated "
+                "frame; add translations linking the groups, or fit each group separately."
+            )
+        if not self.converged_:
+            warnings.warn(
+                f"GeneralizedProcrustes did not converge in n_iter={self.n_iter} updates "
+                f"(last objective decrease above tol={self.tol}); increase n_iter.",
+                ConvergenceWarning,
+                stacklevel=4,
+            )
+        d = self.n_features_in_
+        few = {
+            lab: int(k)
+            for lab, k in zip(self.languages_.tolist(), self.n_pairs_, strict=True)
+            if k < d
+        }
+        if few:
+            warnings.warn(
+                f"fewer paired rows than dimensions ({d}) for {few}: the orthogonal maps "
+                "are not unique (fixed only on the span of the pairs). Use more pairs or "
+                "reduce the dimension first.",
+                UserWarning,
+                stacklevel=4,
+            )
+
+    def transform(self, X, languages=None):
+        """Map each row into the shared space, ``(x − μ_l) W_l``.
+
+        Parameters
+        ----------
+        X : array-like or tensor of shape (n_rows, n_features)
+        languages : array-like of shape (n_rows,)
+
+        Returns
+        -------
+        X_new : same type as X
+        """
+        check_is_fitted(self)
+        nx, Xc, dev = self._validate(X, reset=False)
+        if languages is None:
+            raise ValueError("GeneralizedProcrustes.transform needs languages= (one per row).")
+        labels, codes = check_languages(languages, Xc.shape[0])
+        gcodes, _ = self._fitted_codes(labels, codes)
+        present = np.unique(gcodes).tolist()
+        waiting = [self.languages_[i] for i in present if self.n_pairs_[i] == 0]
+        if waiting:
+            raise ValueError(
+                f"language(s) {[str(w) for w in waiting]} share no pair_id with another "
+                "language yet; partial_fit their translations before transforming them."
+            )
+        out = affine_by_language(
+            nx.to_torch(Xc, dev),
+            gcodes,
+            shift=self.means_ if self.center else None,
+            rotations={i: self.rotations_[i] for i in present},
+        )
+        return nx.from_torch(out, like=Xc)
+
+    def fit_transform(self, X, y=None, languages=None, pair_ids=None):
+        """Fit, then transform ``X`` (languages reach both steps)."""
+        return self.fit(X, y, languages=languages, pair_ids=pair_ids).transform(
+            X, languages=languages
+        )
+
+    def __sklearn_tags__(self):
+        tags = super().__sklearn_tags__()
+        tags.requires_fit = True
+        return tags
+
+
+def _stage_rows(
+    T: torch.Tensor,
+    labels: np.ndarray,
+    codes: np.ndarray,
+    pids: np.ndarray,
+    rows: dict[Hashable, _RowStore],
+) -> dict[Hashable, tuple[torch.Tensor, list[Hashable]]]:
+    """Per language: (float64 host rows, pair ids); duplicate ids are an error."""
+    lab_list = _labels_list(labels)
+    pid_py = pids.tolist()
+    out = {}
+    for c, lab in enumerate(lab_list):
+        idx = np.flatnonzero(codes == c)
+        if idx.size == 0:
+            continue
+        ids = [pid_py[i] for i in idx]
+        seen = rows[lab].pos if lab in rows else {}
+        batch: set[Hashable] = set()
+        for i in ids:
+            if i in seen or i in batch:
+                raise ValueError(
+                    f"pair_id {i!r} occurs more than once in language {lab!r}; within one "
+                    "language each pair_id must be unique (rows sharing a pair_id are "
+                    "translations in different languages)."
+                )
+            batch.add(i)
+        R = T[torch.from_numpy(idx).to(T.device)].detach().to("cpu", torch.float64)
+        out[lab] = (R, ids)
+    return out
+
+
+def _paired_rows(
+    rows: dict[Hashable, _RowStore], langs: list[Hashable]
+) -> tuple[np.ndarray, np.ndarray, np.ndarray, int]:
+    """Rows whose pair id occurs in ≥ 2 languages, grouped by language.
+
+    Returns ``(Y, lang_of, pair_of, n_pair_ids)``: float64 rows, each row's index
+    into ``langs`` and into the compact list of shared pair ids.
+    """
+    ids_by_lang = {lab: list(rows[lab].pos) if lab in rows else [] for lab in langs}
+    count: dict[Hashable, int] = {}
+    for ids in ids_by_lang.values():
+        for i in ids:
+            count[i] = count.get(i, 0) + 1
+    shared = {i: k for k, i in enumerate(i for i, c in count.items() if c >= 2)}
+    Ys, lang_of, pair_of = [], [], []
+    for g, lab in enumerate(langs):
+        ids = [i for i in ids_by_lang[lab] if i in shared]
+        if not ids:
+            continue
+        store = rows[lab]
+        Ys.append(store.take(store.lookup(ids)).numpy())
+        lang_of.append(np.full(len(ids), g, dtype=np.int64))
+        pair_of.append(np.fromiter((shared[i] for i in ids), dtype=np.int64, count=len(ids)))
+    if not Ys:
+        d = next((st.rows.shape[1] for st in rows.values() if st.rows is not None), 0)
+        empty = np.zeros(0, dtype=np.int64)
+        return np.zeros((0, d)), empty, empty, 0
+    return np.vstack(Ys), np.concatenate(lang_of), np.concatenate(pair_of), len(shared)
+
+
+def _connected_groups(rows: dict[Hashable, _RowStore], langs: list[Hashable]) -> list[list]:
+    """Languages grouped by connectivity through shared pair ids (union-find)."""
+    parent = {lab: lab for lab in langs}
+
+    def find(a):
+        while parent[a] != a:
+            parent[a] = parent[parent[a]]
+            a = parent[a]
+        return a
+
+    owner: dict[Hashable, Hashable] = {}
+    for lab in langs:
+        for i in rows[lab].pos if lab in rows else ():
+            if i in owner:
+                parent[find(lab)] = find(owner[i])
+            else:
+                owner[i] = lab
+    groups: dict[Hashable, list] = {}
+    for lab in langs:
+        groups.setdefault(find(lab), []).append(lab)
+    return sorted(groups.values(), key=lambda g: str(g[0]))
+
+
+def _gpa(
+    Y: torch.Tensor,
+    pair_of: np.ndarray,
+    lang_of: np.ndarray,
+    n_pair_ids: int,
+    n_iter: int,
+    tol: float,
+) -> tuple[dict[int, np.ndarray], list[float], bool]:
+    """Alternating GPA on paired rows ``Y`` (grouped by language, float64 on any device).
+
+    Returns the maps ``{language index: W}``, the objective history and whether
+    the last update lowered the objective by at most ``tol`` × the mean squared
+    norm of ``Y``.
+    """
+    dev = Y.device
+    d = Y.shape[1]
+    n = Y.shape[0]
+    pidx = torch.from_numpy(pair_of).to(dev)
+    m = torch.zeros(n_pair_ids, dtype=torch.float64, device=dev)
+    m.index_add_(0, pidx, torch.ones(n, dtype=torch.float64, device=dev))
+    present = np.unique(lang_of)
+    bounds = {
+        int(g): (int(np.searchsorted(lang_of, g)), int(np.searchsorted(lang_of, g, "right")))
+        for g in present
+    }
+    W = {g: torch.eye(d, dtype=torch.float64, device=dev) for g in bounds}
+    scale = float((Y * Y).sum()) / n  # mean squared norm (rotation invariant)
+    Z = torch.empty_like(Y)
+
+    def consensus() -> tuple[torch.Tensor, float]:
+        for g, (lo, hi) in bounds.items():
+            Z[lo:hi] = Y[lo:hi] @ W[g]
+        C = torch.zeros((n_pair_ids, d), dtype=torch.float64, device=dev)
+        C.index_add_(0, pidx, Z).div_(m[:, None])
+        obj = 0.0
+        for sl in row_blocks(n):
+            r = Z[sl] - C.index_select(0, pidx[sl])
+            obj += float((r * r).sum())
+        return C, obj / n
+
+    C, obj = consensus()
+    history, converged = [obj], False
+    for _ in range(n_iter):
+        for g, (lo, hi) in bounds.items():
+            cross = Y[lo:hi].T @ C.index_select(0, pidx[lo:hi])
+            W[g] = torch.from_numpy(orthogonal_map(cross.cpu().numpy(), dev)).to(dev)
+        C, obj = consensus()
+        history.append(obj)
+        if history[-2] - obj <= tol * scale:
+            converged = True
+            break
+    return {g: w.cpu().numpy() for g, w in W.items()}, history, converged
