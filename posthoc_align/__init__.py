@@ -24,6 +24,7 @@ from .lsar import LSAR
 from .per_layer import PerLayer, RotateAlign
 from .persistence import load
 from .procrustes import ProcrustesAligner
+from .profile import alignment_profile
 from .standardization import LanguageStandardizer
 
 __all__ = [
@@ -39,4 +40,5 @@ __all__ = [
     "LanguageAxes",
     "GeneralizedProcrustes",
     "load",
+    "alignment_profile",
 ]

@@ -1,0 +1,172 @@
+"""The alignment profile of any encoder: every metric at every layer, before and after.
+
+For decoder-only models nobody knows in advance which layers hold the
+language-neutral "implicit encoder" (survey §5.3); this measures it. Point it at any
+:class:`~posthoc_align.encoders.HFEncoder` — a hub name, a local path, a GPT-style
+model with ``pooling="last"`` or ``"mean"`` — and a parallel dataset.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping, Sequence
+from typing import Any
+
+import numpy as np
+from sklearn.base import clone
+
+__all__ = ["alignment_profile", "default_transforms", "best_layers"]
+
+
+def default_transforms() -> dict[str, Any]:
+    """The transforms profiled by default: centring, LSAR and Procrustes to the source."""
+    from . import LSAR, LanguageMeanCentering, ProcrustesAligner
+
+    return {
+        "centring": LanguageMeanCentering(),
+        "LSAR": LSAR(),
+        "Procrustes": ProcrustesAligner(),
+    }
+
+
+def _as_arrays(encoder: Any, dataset: Any, pooling: str | None):
+    """(X (n, layers, d), languages, pair_ids) from a Bunch, a cache or a tuple."""
+    if isinstance(dataset, tuple) and len(dataset) == 3:
+        X, langs, pids = dataset
+        return np.asarray(X), np.asarray(langs), np.asarray(pids)
+    if hasattr(dataset, "to_numpy") and hasattr(dataset, "pair_ids"):  # EmbeddingCache
+        return dataset.to_numpy(), np.asarray(dataset.languages), np.asarray(dataset.pair_ids)
+    for key in ("data", "languages", "pair_ids"):
+        if key not in dataset:
+            raise ValueError(
+                f"dataset has no {key!r}; pass a Bunch from posthoc_align.datasets (data, "
+                "languages, pair_ids), an EmbeddingCache, or a tuple (X, languages, pair_ids)"
+            )
+    if encoder is None:
+        raise ValueError("encoder is None but dataset holds text; pass an HFEncoder")
+    X = encoder.encode(list(dataset["data"]), pooling=pooling)
+    if not isinstance(X, np.ndarray) or X.ndim != 3:
+        raise ValueError("pooling='tokens' gives no sentence vectors; use mean, cls or last")
+    return X, np.asarray(dataset["languages"]), np.asarray(dataset["pair_ids"])
+
+
+def alignment_profile(
+    encoder: Any,
+    dataset: Any,
+    transforms: Mapping[str, Any] | None = None,
+    metrics: Sequence[str] = ("retrieval_cosine", "retrieval_csls", "weak", "strong"),
+    *,
+    source: str = "en",
+    targets: Sequence[str] | None = None,
+    test_fraction: float = 0.5,
+    pooling: str | None = None,
+    random_state: int = 0,
+    plot_path: str | None = None,
+    **metric_kw: Any,
+) -> list[dict[str, Any]]:
+    """Every metric at every layer, for the raw states and after each transform.
+
+    Texts are encoded once (all layers). Translation groups (``pair_ids``) are split
+    into a training part, on which each transform is fitted layer by layer
+    (:class:`~posthoc_align.PerLayer`), and a disjoint held-out part, on which every
+    metric is computed for each ``source → target`` pair.
+
+    Parameters
+    ----------
+    encoder : HFEncoder or None
+        Anything with ``encode(texts, pooling=...) -> (n, n_layers + 1, d)``. May be
+        None when ``dataset`` already holds vectors.
+    dataset : Bunch, EmbeddingCache or tuple
+        A Bunch with ``data`` (texts), ``languages`` and ``pair_ids`` (e.g. from
+        :func:`posthoc_align.datasets.load_bible`), an
+        :class:`~posthoc_align.cache.EmbeddingCache`, or ``(X, languages, pair_ids)``
+        with ``X`` of shape (n, n_layers, d).
+    transforms : dict {name: estimator}, optional
+        Default :func:`default_transforms`. A transform that needs ``pair_ids``
+        receives them; ``ProcrustesAligner``'s pivot is set to ``source``.
+    metrics : sequence of str
+        Names understood by :func:`posthoc_align.metrics.evaluate_pairs`.
+    source : str, default="en"
+    targets : sequence of str, optional
+        Default: every other language.
+    test_fraction : float, default=0.5
+    pooling : {"mean", "cls", "last"}, optional
+        Overrides the encoder's pooling (``"last"`` for decoder-only models).
+    random_state : int, default=0
+    plot_path : str, optional
+        Save the per-layer curve of the first metric there (PNG; needs matplotlib).
+    **metric_kw
+        Passed to the metrics (e.g. ``memory_budget``).
+
+    Returns
+    -------
+    list of dict
+        Tidy rows ``{layer, transform, source, target, metric, value}``.
+
+    Examples
+    --------
+    >>> from posthoc_align.encoders import HFEncoder  # doctest: +SKIP
+    >>> from posthoc_align.datasets import load_bible  # doctest: +SKIP
+    >>> enc = HFEncoder("gpt2-like/local/path", pooling="last")  # doctest: +SKIP
+    >>> rows = alignment_profile(enc, load_bible(("en", "fr", "de"), n_verses=500))  # doctest: +SKIP
+    >>> best_layers(rows, "retrieval_cosine")  # doctest: +SKIP
+    """
+    from . import PerLayer
+    from .demo import heldout_split
+    from .metrics import evaluate_pairs
+
+    X, langs, pids = _as_arrays(encoder, dataset, pooling)
+    available = sorted(set(langs.tolist()))
+    if source not in available:
+        raise ValueError(f"source language {source!r} is not in the data ({available})")
+    targets = list(targets) if targets is not None else [t for t in available if t != source]
+    missing = [t for t in targets if t not in available]
+    if missing:
+        raise ValueError(f"target language(s) {missing} are not in the data ({available})")
+    train, test = heldout_split(pids, test_fraction, random_state)
+    if not train.any() or not test.any():
+        raise ValueError("too few translation groups to split into train and test")
+    transforms = default_transforms() if transforms is None else dict(transforms)
+    outputs = {"raw": X[test]}
+    for name, est in transforms.items():
+        est = clone(est)
+        if "pivot" in est.get_params():
+            est.set_params(pivot=source)
+        per_layer = PerLayer(est).fit(X[train], languages=langs[train], pair_ids=pids[train])
+        outputs[name] = per_layer.transform(X[test], languages=langs[test])
+    rows: list[dict[str, Any]] = []
+    pairs = [(source, t) for t in targets]
+    for name, Z in outputs.items():
+        for layer in range(Z.shape[1]):
+            rows += evaluate_pairs(
+                Z[:, layer],
+                langs[test],
+                pids[test],
+                pairs=pairs,
+                metrics=metrics,
+                tags={"layer": layer, "transform": name},
+                **metric_kw,
+            )
+    if plot_path is not None:
+        from .plotting import plot_layer_curves
+
+        plot_layer_curves(
+            rows,
+            metric=metrics[0],
+            path=plot_path,
+            title=f"{metrics[0]}: {source} -> {', '.join(targets)} (held out)",
+        )
+    return rows
+
+
+def best_layers(rows: Sequence[Mapping[str, Any]], metric: str) -> dict[str, tuple[int, float]]:
+    """For each transform, the layer with the highest mean ``metric`` over pairs."""
+    acc: dict[tuple[str, int], list[float]] = {}
+    for r in rows:
+        if r["metric"] == metric and np.isfinite(r["value"]):
+            acc.setdefault((r["transform"], r["layer"]), []).append(r["value"])
+    best: dict[str, tuple[int, float]] = {}
+    for (name, layer), vals in sorted(acc.items()):
+        m = float(np.mean(vals))
+        if name not in best or m > best[name][1]:
+            best[name] = (layer, m)
+    return best

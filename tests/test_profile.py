@@ -1,0 +1,140 @@
+"""alignment_profile on tiny random encoder and decoder models built here."""
+
+import numpy as np
+import pytest
+import torch
+from tokenizers import Tokenizer, models, normalizers, pre_tokenizers, processors
+from transformers import BertConfig, BertModel, GPT2Config, GPT2Model, PreTrainedTokenizerFast
+
+from posthoc_align import LanguageMeanCentering
+from posthoc_align.encoders import HFEncoder
+from posthoc_align.profile import alignment_profile, best_layers
+
+EN = [
+    "the cat sat",
+    "a big dog",
+    "the red house",
+    "a small tree",
+    "the blue mat",
+    "a dog ran",
+    "the cat ran",
+    "a red tree",
+    "the big mat",
+    "a blue house",
+]
+FR = [
+    "le chat assis",
+    "un grand chien",
+    "la maison rouge",
+    "un petit arbre",
+    "le tapis bleu",
+    "un chien courut",
+    "le chat courut",
+    "un arbre rouge",
+    "le grand tapis",
+    "une maison bleue",
+]
+WORDS = sorted({w for s in EN + FR for w in s.split()})
+
+
+def _tok(specials, template=None, **kw):
+    vocab = {w: i for i, w in enumerate([*specials, *WORDS])}
+    tok = Tokenizer(models.WordLevel(vocab, unk_token=specials[-1]))
+    tok.normalizer = normalizers.Lowercase()
+    tok.pre_tokenizer = pre_tokenizers.Whitespace()
+    if template:
+        b, e = template
+        tok.post_processor = processors.TemplateProcessing(
+            single=f"{b} $A {e}", special_tokens=[(b, vocab[b]), (e, vocab[e])]
+        )
+    return PreTrainedTokenizerFast(tokenizer_object=tok, **kw), len(vocab)
+
+
+@pytest.fixture(scope="module")
+def dataset():
+    from sklearn.utils import Bunch
+
+    return Bunch(
+        data=EN + FR,
+        languages=np.array(["en"] * 10 + ["fr"] * 10),
+        pair_ids=np.tile(np.arange(10), 2),
+    )
+
+
+def _bert():
+    tok, v = _tok(
+        ["[PAD]", "[CLS]", "[SEP]", "[UNK]"],
+        ("[CLS]", "[SEP]"),
+        pad_token="[PAD]",
+        cls_token="[CLS]",
+        sep_token="[SEP]",
+        unk_token="[UNK]",
+    )
+    torch.manual_seed(0)
+    cfg = BertConfig(
+        vocab_size=v,
+        hidden_size=16,
+        num_hidden_layers=2,
+        num_attention_heads=2,
+        intermediate_size=32,
+        max_position_embeddings=32,
+    )
+    return HFEncoder(BertModel(cfg, add_pooling_layer=False), tok, show_progress_bar=False)
+
+
+def _gpt2():
+    tok, v = _tok(["<|endoftext|>"], eos_token="<|endoftext|>", unk_token="<|endoftext|>")
+    torch.manual_seed(1)
+    cfg = GPT2Config(
+        vocab_size=v, n_embd=16, n_layer=2, n_head=2, n_positions=32, bos_token_id=0, eos_token_id=0
+    )
+    return HFEncoder(GPT2Model(cfg), tok, pooling="last", show_progress_bar=False)
+
+
+@pytest.mark.parametrize("make", [_bert, _gpt2], ids=["bert", "gpt2"])
+def test_profile_tiny_models(make, dataset, tmp_path):
+    enc = make()
+    rows = alignment_profile(
+        enc,
+        dataset,
+        metrics=("retrieval_cosine", "weak"),
+        test_fraction=0.5,
+        plot_path=str(tmp_path / "p.png"),
+    )
+    layers = {r["layer"] for r in rows}
+    assert layers == set(range(enc.n_layers + 1))
+    assert {r["transform"] for r in rows} == {"raw", "centring", "LSAR", "Procrustes"}
+    assert all(0.0 <= r["value"] <= 1.0 for r in rows)
+    assert (tmp_path / "p.png").stat().st_size > 1000
+    best = best_layers(rows, "retrieval_cosine")
+    assert set(best) == {"raw", "centring", "LSAR", "Procrustes"}
+
+
+def test_profile_matches_manual_computation(rng):
+    from posthoc_align.demo import heldout_split
+    from posthoc_align.metrics import retrieval_accuracy
+
+    X = rng.normal(size=(40, 3, 5))
+    L = np.repeat(["en", "fr"], 20)
+    P = np.tile(np.arange(20), 2)
+    X[L == "fr"] += 2.0
+    rows = alignment_profile(
+        None, (X, L, P), transforms={"c": LanguageMeanCentering()}, metrics=("retrieval_cosine",)
+    )
+    train, test = heldout_split(P, 0.5, 0)
+    c = LanguageMeanCentering().fit(X[train][:, 1], languages=L[train])
+    ref = retrieval_accuracy(
+        c.transform(X[test][:, 1], languages=L[test]), L[test], P[test], "en", "fr"
+    )
+    got = [r["value"] for r in rows if r["transform"] == "c" and r["layer"] == 1]
+    assert got == [pytest.approx(ref)]
+
+
+def test_profile_bad_input(rng):
+    X = rng.normal(size=(10, 2, 3))
+    with pytest.raises(ValueError, match="source language 'xx'"):
+        alignment_profile(
+            None, (X, np.repeat(["en", "fr"], 5), np.tile(np.arange(5), 2)), source="xx"
+        )
+    with pytest.raises(ValueError, match="has no 'data'"):
+        alignment_profile(None, {"languages": []})
