@@ -64,6 +64,16 @@ class LanguageTransformerMixin(OneToOneFeatureMixin, TransformerMixin, BaseEstim
         self._finalize(dev)
         return self
 
+    #: private streaming state dropped by ``fit`` (besides every ``*_`` attribute)
+    _state_attrs: tuple[str, ...] = ("_moments", "_pairs", "_scatter", "_fitter", "_rows")
+
+    def _reset(self) -> None:
+        """Forget everything learned: every ``*_`` attribute and the streaming state."""
+        for attr in list(vars(self)):
+            learned = attr.endswith("_") and not attr.startswith("__")
+            if learned or attr in self._state_attrs:
+                delattr(self, attr)
+
     def _check_metadata(self, n_rows: int, languages: Any, pair_ids: Any):
         """``(labels, codes, pair_ids)`` for a batch; estimators needing pairs override."""
         labels, codes = check_languages(languages, n_rows)

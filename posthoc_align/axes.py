@@ -181,26 +181,6 @@ class LanguageAxes(LanguageTransformerMixin):
         self.n_neutral = n_neutral
         self.device = device
 
-    def _reset(self) -> None:
-        for attr in (
-            "_scatter",
-            "languages_",
-            "counts_",
-            "means_",
-            "global_mean_",
-            "sensitive_axes_",
-            "sensitive_scores_",
-            "neutral_axes_",
-            "neutral_scores_",
-            "n_sensitive_",
-            "n_neutral_",
-            "components_",
-            "n_features_in_",
-            "feature_names_in_",
-        ):
-            if hasattr(self, attr):
-                delattr(self, attr)
-
     @_fit_context(prefer_skip_nested_validation=True)
     def fit(self, X, y=None, languages=None):
         """Find the sensitive and neutral axes.

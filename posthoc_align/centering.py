@@ -91,20 +91,6 @@ class LanguageMeanCentering(LanguageTransformerMixin):
         self.unknown_language = unknown_language
         self.device = device
 
-    def _reset(self) -> None:
-        for attr in (
-            "_moments",
-            "languages_",
-            "means_",
-            "counts_",
-            "global_mean_",
-            "n_samples_seen_",
-            "n_features_in_",
-            "feature_names_in_",
-        ):
-            if hasattr(self, attr):
-                delattr(self, attr)
-
     @_fit_context(prefer_skip_nested_validation=True)
     def fit(self, X, y=None, languages=None):
         """Compute each language's mean.

@@ -156,26 +156,6 @@ class LanguageEraser(LanguageTransformerMixin):
         self.oracle = oracle
         self.device = device
 
-    def _reset(self) -> None:
-        for attr in (
-            "_fitter",
-            "languages_",
-            "counts_",
-            "means_",
-            "global_mean_",
-            "covariance_",
-            "proj_left_",
-            "proj_right_",
-            "bias_",
-            "coef_",
-            "mean_z_",
-            "n_samples_seen_",
-            "n_features_in_",
-            "feature_names_in_",
-        ):
-            if hasattr(self, attr):
-                delattr(self, attr)
-
     def __getstate__(self) -> dict:
         # the fitter (torch tensors, maybe on a GPU) is rebuilt from public arrays
         state = super().__getstate__()

@@ -14,13 +14,12 @@ from sklearn.exceptions import ConvergenceWarning
 from sklearn.utils._param_validation import Interval
 from sklearn.utils.validation import check_is_fitted
 
-from ._apply import affine_by_language
 from ._backend import DEVICE_CONSTRAINT
 from ._base import LanguageTransformerMixin, languages_array
 from ._covariance import check_finite_rows
 from ._stats import LanguageMoments, _labels_list, _RowStore, row_blocks
 from ._validation import check_languages, check_pair_ids
-from .procrustes import orthogonal_map
+from .procrustes import orthogonal_map, rotate_by_language
 
 __all__ = ["GeneralizedProcrustes"]
 
@@ -148,24 +147,6 @@ class GeneralizedProcrustes(LanguageTransformerMixin):
         self.tol = tol
         self.center = center
         self.device = device
-
-    def _reset(self) -> None:
-        for attr in (
-            "_moments",
-            "_rows",
-            "languages_",
-            "means_",
-            "rotations_",
-            "n_pairs_",
-            "objective_",
-            "n_iter_",
-            "converged_",
-            "unpaired_languages_",
-            "n_features_in_",
-            "feature_names_in_",
-        ):
-            if hasattr(self, attr):
-                delattr(self, attr)
 
     @_fit_context(prefer_skip_nested_validation=True)
     def fit(self, X, y=None, languages=None, pair_ids=None):
@@ -305,25 +286,16 @@ class GeneralizedProcrustes(LanguageTransformerMixin):
         X_new : same type as X
         """
         check_is_fitted(self)
-        nx, Xc, dev = self._validate(X, reset=False)
-        if languages is None:
-            raise ValueError("GeneralizedProcrustes.transform needs languages= (one per row).")
-        labels, codes = check_languages(languages, Xc.shape[0])
-        gcodes, _ = self._fitted_codes(labels, codes)
-        present = np.unique(gcodes).tolist()
-        waiting = [self.languages_[i] for i in present if self.n_pairs_[i] == 0]
-        if waiting:
-            raise ValueError(
-                f"language(s) {[str(w) for w in waiting]} share no pair_id with another "
-                "language yet; partial_fit their translations before transforming them."
-            )
-        out = affine_by_language(
-            nx.to_torch(Xc, dev),
-            gcodes,
-            shift=self.means_ if self.center else None,
-            rotations={i: self.rotations_[i] for i in present},
+        n_pairs = dict(zip(self.languages_.tolist(), self.n_pairs_, strict=True))
+        return rotate_by_language(
+            self,
+            X,
+            languages,
+            skip=None,
+            not_ready=lambda lab: n_pairs[lab] == 0,
+            not_ready_message="share no pair_id with another language yet; partial_fit "
+            "their translations before transforming them.",
         )
-        return nx.from_torch(out, like=Xc)
 
     def fit_transform(self, X, y=None, languages=None, pair_ids=None):
         """Fit, then transform ``X`` (languages reach both steps)."""

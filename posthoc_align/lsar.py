@@ -105,21 +105,6 @@ class LSAR(LanguageTransformerMixin):
         self.n_components = n_components
         self.device = device
 
-    def _reset(self) -> None:
-        for attr in (
-            "_moments",
-            "languages_",
-            "means_",
-            "components_",
-            "singular_values_",
-            "explained_energy_ratio_",
-            "n_components_",
-            "n_features_in_",
-            "feature_names_in_",
-        ):
-            if hasattr(self, attr):
-                delattr(self, attr)
-
     @_fit_context(prefer_skip_nested_validation=True)
     def fit(self, X, y=None, languages=None):
         """Find the language subspace from the per-language means.

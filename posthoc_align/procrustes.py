@@ -18,7 +18,7 @@ from ._dask import is_dask, transform_dask
 from ._stats import PairMoments
 from ._validation import check_languages, check_pair_ids
 
-__all__ = ["ProcrustesAligner", "orthogonal_map"]
+__all__ = ["ProcrustesAligner", "orthogonal_map", "rotate_by_language"]
 
 
 def orthogonal_map(cross: np.ndarray, device: Any = "cpu") -> np.ndarray:
@@ -37,6 +37,32 @@ def orthogonal_map(cross: np.ndarray, device: Any = "cpu") -> np.ndarray:
     C = torch.from_numpy(np.ascontiguousarray(cross, dtype=np.float64)).to(device)
     U, _, Vh = torch.linalg.svd(C, full_matrices=False)
     return (U @ Vh).cpu().numpy()
+
+
+def rotate_by_language(est, X, languages, *, skip, not_ready, not_ready_message):
+    """``(x − μ_l) W_l`` (``x W_l`` without centring) for each row's language ``l``.
+
+    Shared by the Procrustes-type aligners: ``est`` has ``languages_``, ``means_``,
+    ``rotations_`` and ``center``; ``skip`` names a language left unrotated (the
+    pivot) and ``not_ready(label)`` flags languages that cannot be mapped yet.
+    """
+    nx, Xc, dev = est._validate(X, reset=False)
+    if languages is None:
+        raise ValueError(f"{type(est).__name__}.transform needs languages= (one per row).")
+    labels, codes = check_languages(languages, Xc.shape[0])
+    gcodes, _ = est._fitted_codes(labels, codes)
+    present = np.unique(gcodes).tolist()
+    fitted = est.languages_.tolist()
+    waiting = [fitted[i] for i in present if not_ready(fitted[i])]
+    if waiting:
+        raise ValueError(f"language(s) {waiting} {not_ready_message}")
+    out = affine_by_language(
+        nx.to_torch(Xc, dev),
+        gcodes,
+        shift=est.means_ if est.center else None,
+        rotations={i: est.rotations_[i] for i in present if fitted[i] != skip},
+    )
+    return nx.from_torch(out, like=Xc)
 
 
 class ProcrustesAligner(LanguageTransformerMixin):
@@ -126,21 +152,6 @@ class ProcrustesAligner(LanguageTransformerMixin):
         self.pivot = pivot
         self.center = center
         self.device = device
-
-    def _reset(self) -> None:
-        for attr in (
-            "_moments",
-            "_pairs",
-            "languages_",
-            "means_",
-            "rotations_",
-            "n_pairs_",
-            "n_features_in_",
-            "feature_names_in_",
-            "unpaired_languages_",
-        ):
-            if hasattr(self, attr):
-                delattr(self, attr)
 
     @_fit_context(prefer_skip_nested_validation=True)
     def fit(self, X, y=None, languages=None, pair_ids=None):
@@ -255,35 +266,16 @@ class ProcrustesAligner(LanguageTransformerMixin):
         check_is_fitted(self)
         if is_dask(X):
             return transform_dask(self, X, languages)
-        nx, Xc, dev = self._validate(X, reset=False)
-        if languages is None:
-            raise ValueError("ProcrustesAligner.transform needs languages= (one per row).")
-        labels, codes = check_languages(languages, Xc.shape[0])
-        gcodes, _ = self._fitted_codes(labels, codes)
-        present = set(np.unique(gcodes).tolist())
-        waiting = [
-            lab
-            for lab in self.unpaired_languages_
-            if int(np.flatnonzero(self.languages_ == lab)[0]) in present
-        ]
-        if waiting:
-            raise ValueError(
-                f"language(s) {waiting} have no pairs with the pivot {self.pivot!r} yet; "
-                "partial_fit rows paired with pivot rows before transforming them."
-            )
-        pivot_idx = np.flatnonzero(self.languages_ == self.pivot)
-        rotations = {
-            i: self.rotations_[i]
-            for i in present
-            if not (pivot_idx.size and i == int(pivot_idx[0]))
-        }
-        out = affine_by_language(
-            nx.to_torch(Xc, dev),
-            gcodes,
-            shift=self.means_ if self.center else None,
-            rotations=rotations,
+        unpaired = set(self.unpaired_languages_)
+        return rotate_by_language(
+            self,
+            X,
+            languages,
+            skip=self.pivot,
+            not_ready=lambda lab: lab in unpaired,
+            not_ready_message=f"have no pairs with the pivot {self.pivot!r} yet; partial_fit "
+            "rows paired with pivot rows before transforming them.",
         )
-        return nx.from_torch(out, like=Xc)
 
     def fit_transform(self, X, y=None, languages=None, pair_ids=None):
         """Fit, then transform ``X`` (languages reach both steps)."""

@@ -120,21 +120,6 @@ class LanguageStandardizer(LanguageTransformerMixin):
         self.eps = eps
         self.device = device
 
-    def _reset(self) -> None:
-        for attr in (
-            "_moments",
-            "languages_",
-            "means_",
-            "vars_",
-            "scale_",
-            "counts_",
-            "n_samples_seen_",
-            "n_features_in_",
-            "feature_names_in_",
-        ):
-            if hasattr(self, attr):
-                delattr(self, attr)
-
     @_fit_context(prefer_skip_nested_validation=True)
     def fit(self, X, y=None, languages=None):
         """Learn per-language means and variances (``mode="fitted"``).
