@@ -331,8 +331,10 @@ class PairMoments:
             a = A[sl].to(cdt) - ka
             b = B[sl].to(device=dev, dtype=cdt) - kb
             S += a.T @ b
-            sa += a.sum(0, dtype=torch.float64)
-            sb += b.sum(0, dtype=torch.float64)
+            # block sums in the block's precision (torch's float64-accumulating sum of
+            # float32 is ~50x slower), added into float64 like the products
+            sa += a.sum(0)
+            sb += b.sum(0)
         if lab not in self.S:
             self.S[lab] = np.zeros((d, d))
             self.sa[lab] = np.zeros(d)
