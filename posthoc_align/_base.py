@@ -35,6 +35,29 @@ class LanguageTransformerMixin(OneToOneFeatureMixin, TransformerMixin, BaseEstim
     * ``fit_transform`` passes the metadata to both ``fit`` and ``transform``
       (scikit-learn's default drops it before ``transform``).
     * ``save(path)`` writes safetensors + JSON (see :mod:`posthoc_align.persistence`).
+
+    Examples
+    --------
+    Cross-validation that keeps every translation of a sentence in the same fold
+    (``GroupKFold`` on ``pair_ids``), with ``languages`` routed to the aligner:
+
+    >>> import numpy as np, sklearn
+    >>> from sklearn.linear_model import LogisticRegression
+    >>> from sklearn.model_selection import GroupKFold, cross_validate
+    >>> from sklearn.pipeline import Pipeline
+    >>> from posthoc_align import LanguageMeanCentering
+    >>> rng = np.random.default_rng(0)
+    >>> base = rng.normal(size=(30, 4))
+    >>> X = np.vstack([base, base + 3.0])            # "fr" = shifted "en"
+    >>> y = np.tile((base[:, 0] > 0).astype(int), 2)
+    >>> langs, pair_ids = ["en"] * 30 + ["fr"] * 30, np.tile(np.arange(30), 2)
+    >>> with sklearn.config_context(enable_metadata_routing=True):
+    ...     pipe = Pipeline([("center", LanguageMeanCentering()),
+    ...                      ("clf", LogisticRegression())])
+    ...     res = cross_validate(pipe, X, y, cv=GroupKFold(3),
+    ...                          params={"languages": langs, "groups": pair_ids})
+    >>> len(res["test_score"])
+    3
     """
 
     __metadata_request__fit = {"languages": True}

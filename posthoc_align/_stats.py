@@ -61,7 +61,7 @@ class LanguageMoments:
     Attributes
     ----------
     labels : list
-        Languages in order of first appearance.
+        Languages in the order they were registered (sorted within a batch).
     counts : ndarray of shape (n_languages,)
     shift : ndarray of shape (n_languages, n_features)
         Reference row of each language (its first row seen), float64.
@@ -74,7 +74,7 @@ class LanguageMoments:
     >>> m = LanguageMoments().update(torch.tensor([[1.0], [3.0], [10.0]]),
     ...                              np.array(["de", "en"]), np.array([1, 1, 0]))
     >>> m.labels, m.means().ravel().tolist()
-    (['en', 'de'], [2.0, 10.0])
+    (['de', 'en'], [10.0, 2.0])
     """
 
     def __init__(self, *, second_moments: bool = False):
