@@ -117,13 +117,16 @@ def partial_fit_dask(est, X, languages, pair_ids):
     # reference row of every language new to the moments: one small compute
     new = [i for i, lab in enumerate(lab_list) if lab not in m.index and (codes == i).any()]
     if new:
-        first_rows = np.array([np.flatnonzero(codes == i)[0] for i in new])
-        rows = np.asarray(X[np.sort(first_rows)].compute(), dtype=np.float64)
-        rows = rows[np.argsort(np.argsort(first_rows))]
-        if not np.isfinite(rows).all():
-            from ._validation import raise_non_finite
+        # the shared reference row (see _stats): the moments' own, or this array's first
+        if m.labels:
+            ref = m.shift[0]
+        else:
+            ref = np.asarray(X[0].compute(), dtype=np.float64)
+            if not np.isfinite(ref).all():
+                from ._validation import raise_non_finite
 
-            raise_non_finite(rows)
+                raise_non_finite(ref[None])
+        rows = np.tile(ref, (len(new), 1))
         if m.shift is None:
             m.shift, m.sums = np.zeros((0, d)), np.zeros((0, d))
             m.sumsq = np.zeros((0, d)) if m.second_moments else None

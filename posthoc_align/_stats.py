@@ -13,9 +13,9 @@ Numerics.  Rows are processed in blocks of :data:`BLOCK_ROWS`.  Inside a block t
 work runs in the input precision (float32 stays float32, so segmented sums and GEMMs
 run at full speed); every block result is added into a float64 accumulator.  Each
 language's data are shifted by a fixed reference row (the first row seen of that
-language) before summing, so sums of squares and cross-products do not lose
-precision to large means (the "shifted data" algorithm; Chan, Golub & LeVeque
-1983).  float64 input is float64 throughout (agreement with a two-pass float64
+language; one row shared by all languages, the first row seen) before summing, so
+sums of squares and cross-products do not lose precision to large means (the
+"shifted data" algorithm; Chan, Golub & LeVeque 1983).  float64 input is float64 throughout (agreement with a two-pass float64
 computation ~1e-12 relative); float32 input agrees to ~1e-7 relative for sums and
 ~1e-5 for sums of squares (float32 rounding inside a block), whatever the chunking
 of the stream.  Pass float64 arrays when more is needed.
@@ -104,10 +104,16 @@ class LanguageMoments:
             first[uniq] = first_pos
             new = [i for i in new if present[i]]
             if new:
-                rows = T[torch.as_tensor(first[new], device=T.device)].to(torch.float64)
-                rows = rows.cpu().numpy()
-                if not np.isfinite(rows).all():
-                    raise_non_finite(T)
+                # one reference row shared by every language (the first row ever seen):
+                # the shift is then a broadcast subtraction, not a per-row gather, and
+                # language offsets are small next to the magnitudes it removes
+                if len(self.labels):
+                    ref = self.shift[0]
+                else:
+                    ref = T[int(first[new[0]])].to(torch.float64).cpu().numpy()
+                    if not np.isfinite(ref).all():
+                        raise_non_finite(T)
+                rows = np.tile(ref, (len(new), 1))
                 for i in new:
                     self.index[lab_list[i]] = len(self.labels)
                     self.labels.append(lab_list[i])
@@ -156,6 +162,8 @@ class LanguageMoments:
         dev, cdt = T.device, compute_dtype(T.dtype)
         g = torch.from_numpy(gcodes).to(dev)
         shift = torch.from_numpy(self.shift).to(dev, cdt)
+        shared = bool((self.shift == self.shift[0]).all())  # one reference row for all
+        shift0 = shift[0]
         acc_s = torch.zeros((L, T.shape[1]), dtype=torch.float64, device=dev)
         acc_q = torch.zeros_like(acc_s) if self.second_moments else None
         bs = torch.empty((L, T.shape[1]), dtype=cdt, device=dev)
@@ -164,7 +172,7 @@ class LanguageMoments:
             # block partial sums in the input precision (float32 index_add_ runs at
             # memory speed; converting blocks to float64 made it ~13x slower), then
             # accumulated in float64 across blocks
-            xs = T[sl].to(cdt) - shift.index_select(0, gb)
+            xs = T[sl].to(cdt) - shift0 if shared else T[sl].to(cdt) - shift.index_select(0, gb)
             bs.zero_().index_add_(0, gb, xs)
             acc_s += bs
             if acc_q is not None:
