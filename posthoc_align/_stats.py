@@ -167,11 +167,16 @@ class LanguageMoments:
         acc_s = torch.zeros((L, T.shape[1]), dtype=torch.float64, device=dev)
         acc_q = torch.zeros_like(acc_s) if self.second_moments else None
         bs = torch.empty((L, T.shape[1]), dtype=cdt, device=dev)
+        raw_sums = acc_q is None and shared  # first moments only: no shift pass needed
         for sl in row_blocks(T.shape[0]):
             gb = g[sl]
             # block partial sums in the input precision (float32 index_add_ runs at
             # memory speed; converting blocks to float64 made it ~13x slower), then
             # accumulated in float64 across blocks
+            if raw_sums:
+                bs.zero_().index_add_(0, gb, T[sl].to(cdt))
+                acc_s += bs
+                continue
             xs = T[sl].to(cdt) - shift0 if shared else T[sl].to(cdt) - shift.index_select(0, gb)
             bs.zero_().index_add_(0, gb, xs)
             acc_s += bs
@@ -179,6 +184,9 @@ class LanguageMoments:
                 xs.mul_(xs)
                 bs.zero_().index_add_(0, gb, xs)
                 acc_q += bs
+        if raw_sums:  # shifted sums, formed in float64
+            n_batch = torch.from_numpy(np.bincount(gcodes, minlength=L).astype(np.float64))
+            acc_s -= n_batch.to(dev)[:, None] * torch.from_numpy(self.shift).to(dev)
         if not bool(torch.isfinite(acc_s).all()) or (
             acc_q is not None and not bool(torch.isfinite(acc_q).all())
         ):
