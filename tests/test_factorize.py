@@ -1,0 +1,63 @@
+"""``factorize`` (language codes for every fit and transform) equals ``np.unique``."""
+
+import numpy as np
+import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+from posthoc_align._validation import factorize
+
+ALPHABET = st.text(alphabet="abzé中\x01", min_size=0, max_size=4)
+
+
+def _check(arr: np.ndarray) -> None:
+    labels, codes = factorize(arr)
+    ref_labels, ref_codes = np.unique(arr, return_inverse=True)
+    np.testing.assert_array_equal(labels, ref_labels)
+    assert labels.dtype == ref_labels.dtype
+    assert codes.dtype == np.int64 and codes.shape == arr.shape
+    np.testing.assert_array_equal(codes, ref_codes.reshape(-1))
+
+
+@settings(max_examples=60, deadline=None)
+@given(
+    labels=st.lists(ALPHABET, min_size=1, max_size=6, unique=True),
+    sizes=st.lists(st.integers(1, 400), min_size=1, max_size=6),
+    shuffle=st.booleans(),
+    seed=st.integers(0, 2**16),
+)
+def test_factorize_matches_unique_strings(labels, sizes, shuffle, seed):
+    rng = np.random.default_rng(seed)
+    arr = np.concatenate([np.full(s, labels[i % len(labels)]) for i, s in enumerate(sizes)]).astype(
+        f"<U{max(1, max(map(len, labels)))}"
+    )
+    if shuffle:
+        arr = arr[rng.permutation(arr.size)]
+    _check(arr)
+
+
+@pytest.mark.parametrize("width", [1, 2, 3, 8])
+@pytest.mark.parametrize("layout", ["grouped", "shuffled"])
+def test_factorize_paths(width, layout):
+    rng = np.random.default_rng(width)
+    pool = np.array(["".join(rng.choice(list("abcxyz中"), width)) for _ in range(7)] + ["a"])
+    arr = np.repeat(pool, 300)
+    if layout == "shuffled":
+        arr = arr[rng.permutation(arr.size)]
+    _check(arr)
+
+
+@pytest.mark.parametrize("dtype", [np.int64, np.int8, np.uint16, bool])
+def test_factorize_integer_labels(dtype):
+    rng = np.random.default_rng(0)
+    arr = np.repeat(np.array([3, 1, 2, 1, 0]).astype(dtype), 500)
+    _check(arr)
+    _check(arr[rng.permutation(arr.size)])
+
+
+def test_factorize_does_not_mutate():
+    arr = np.repeat(np.array(["fr", "en", "de"]), 1000)[::-1].copy()
+    before = arr.copy()
+    factorize(arr)
+    factorize(arr[::2])  # non-contiguous
+    np.testing.assert_array_equal(arr, before)
