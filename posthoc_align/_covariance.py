@@ -109,6 +109,19 @@ class ScatterMoments:
             self.scatter[g] += acc.cpu().numpy()
         return self
 
+    @classmethod
+    def with_shifts(cls, labels: list[Hashable], shift: np.ndarray) -> ScatterMoments:
+        """Empty statistics for known languages with fixed reference rows.
+
+        Objects built on the same shifts :meth:`merge` by plain addition (the
+        correction terms vanish), which is how block-wise (dask) scatters combine.
+        """
+        s = cls()
+        s.moments = LanguageMoments.with_shifts(labels, shift)
+        d = s.moments.shift.shape[1]
+        s.scatter = np.zeros((len(s.moments.labels), d, d))
+        return s
+
     def merge(self, other: ScatterMoments) -> ScatterMoments:
         """Add the statistics of ``other`` (rows seen elsewhere) to these, exactly.
 

@@ -15,6 +15,15 @@
 ``transform`` returns a lazy dask array (``map_blocks`` over row blocks), each
 block transformed by the fitted estimator with its slice of ``languages``.
 
+The same blocks serve the other estimators: :func:`scatter_tree` reduces
+per-block d×d scatters (:class:`~posthoc_align.axes.LanguageAxes`; the total
+scatter of :class:`~posthoc_align.erasure.LanguageEraser`), and
+:class:`~posthoc_align.generalized_procrustes.GeneralizedProcrustes` reduces
+the weighted Gram matrix of its paired rows (gathered by pair id) so that its
+iterations run on the client. Per-row metadata given as dask arrays must share
+``X``'s row chunks (:func:`labels_numpy`). The metrics read dask rows lazily,
+window by window (:class:`posthoc_align.metrics._similarity.DaskRows`).
+
 The same code runs on a laptop's threads, a ``LocalCluster`` or a multi-node
 cluster: connect a ``dask.distributed.Client(address)`` before calling ``fit``.
 """
@@ -25,7 +34,19 @@ from typing import Any
 
 import numpy as np
 
-__all__ = ["is_dask", "partial_fit_dask", "transform_dask"]
+__all__ = [
+    "begin_fit",
+    "check_dask_X",
+    "host_device",
+    "is_dask",
+    "labels_numpy",
+    "moments_tree",
+    "partial_fit_dask",
+    "reference_row",
+    "scatter_tree",
+    "shared_shifts",
+    "transform_dask",
+]
 
 _SPLIT_EVERY = 8
 
@@ -33,6 +54,160 @@ _SPLIT_EVERY = 8
 def is_dask(x: Any) -> bool:
     """Whether ``x`` is a dask collection (checked without importing dask)."""
     return type(x).__module__.split(".")[0] == "dask"
+
+
+def check_dask_X(X: Any, *, ndim: int = 2, name: str = "X") -> Any:
+    """Validate a dask data array: ``ndim``, known row chunks, a real numeric dtype.
+
+    Returns ``X`` with one chunk along every axis but the first (rows); dtypes
+    other than float32/float64 are cast lazily to float64 (as for numpy input).
+    """
+    if X.ndim != ndim:
+        shape = "(n_rows, n_features)" if ndim == 2 else "(n_rows, n_layers, n_features)"
+        raise ValueError(f"Expected a {ndim}-D dask array {name} of shape {shape}, got {X.shape}")
+    if any(np.isnan(c) for c in X.chunks[0]):
+        raise ValueError(
+            f"dask array {name} has unknown chunk sizes; call {name}.compute_chunk_sizes() first"
+        )
+    kind = np.dtype(X.dtype).kind
+    if kind not in "fiub":
+        raise ValueError(f"{name} has dtype {X.dtype}; pass real floating-point data.")
+    if np.dtype(X.dtype) not in (np.float32, np.float64):  # as check_X: others to float64
+        X = X.astype(np.float64)
+    if any(nb > 1 for nb in X.numblocks[1:]):
+        X = X.rechunk({i: -1 for i in range(1, X.ndim)})
+    return X
+
+
+def labels_numpy(values: Any, X: Any, name: str) -> Any:
+    """Per-row metadata (``languages``, ``pair_ids``, ``y``) as host numpy for a dask ``X``.
+
+    A dask ``values`` must be 1-D with the same row chunks as ``X`` (a mismatch is
+    almost always two arrays built from different sources: an error, not a silent
+    realignment); it is then computed (one label per row is small next to ``X``).
+    Anything else is returned unchanged for the usual validation.
+    """
+    if not is_dask(values):
+        return values
+    if values.ndim != 1:
+        raise ValueError(f"{name} must be 1-D (one label per row); got shape {values.shape}.")
+    if values.shape[0] != X.shape[0]:
+        raise ValueError(
+            f"{name} has {values.shape[0]} entries but X has {X.shape[0]} rows; "
+            f"pass exactly one {name[:-1] if name.endswith('s') else name} per row of X."
+        )
+    if tuple(values.chunks[0]) != tuple(X.chunks[0]):
+        raise ValueError(
+            f"{name} is a dask array with row chunks {tuple(values.chunks[0])[:8]}... but X "
+            f"has row chunks {tuple(X.chunks[0])[:8]}...; they must match (rows of one block "
+            f"and its labels belong together). Use {name}.rechunk(X.chunks[0]) or pass "
+            f"{name} as a numpy array."
+        )
+    return np.asarray(values.compute())
+
+
+def begin_fit(est: Any, X: Any, *, first: bool) -> Any:
+    """Validate a dask ``X`` for ``est.fit``/``partial_fit`` and set ``n_features_in_``.
+
+    Returns the validated array (see :func:`check_dask_X`); a later batch with a
+    different number of columns is a ValueError (scikit-learn's wording).
+    """
+    X = check_dask_X(X)
+    d = int(X.shape[1])
+    if first:
+        est.n_features_in_ = d
+        est.__dict__.pop("feature_names_in_", None)
+    elif d != est.n_features_in_:
+        raise ValueError(
+            f"X has {d} features, but {type(est).__name__} is expecting "
+            f"{est.n_features_in_} features as input."
+        )
+    return X
+
+
+def host_device(est: Any) -> Any:
+    """The torch device of ``est.device`` for data that arrives as numpy blocks."""
+    from ._backend import _BACKENDS, resolve_device
+
+    return resolve_device(getattr(est, "device", "auto"), _BACKENDS["numpy"], None)
+
+
+def shared_shifts(moments: Any, n_labels: int, X: Any) -> np.ndarray:
+    """Reference rows for ``n_labels`` languages: the moments' shared row, else ``X[0]``.
+
+    Every language is shifted by the same row (as in :mod:`posthoc_align._stats`),
+    so statistics of later batches add to earlier ones without re-expression.
+    """
+    if moments is not None and moments.labels:
+        ref = np.asarray(moments.shift[0], dtype=np.float64)
+    else:
+        ref = reference_row(X)
+    return np.tile(ref, (n_labels, 1))
+
+
+def reference_row(X: Any) -> np.ndarray:
+    """The first row of a dask array as float64 (the shared shift of the moments)."""
+    from ._validation import raise_non_finite
+
+    ref = np.asarray(X[0].compute(), dtype=np.float64)
+    if not np.isfinite(ref).all():
+        raise_non_finite(ref[None])
+    return ref
+
+
+def _row_blocks_of(X: Any, gcodes: np.ndarray) -> list[tuple[Any, np.ndarray]]:
+    bounds = np.cumsum((0, *X.chunks[0]))
+    blocks = X.to_delayed().ravel()
+    return [(b, gcodes[bounds[k] : bounds[k + 1]]) for k, b in enumerate(blocks)]
+
+
+def moments_tree(X: Any, gcodes: np.ndarray, labels: list, shift: np.ndarray, second: bool):
+    """Delayed :class:`~posthoc_align._stats.LanguageMoments` of a dask ``X``.
+
+    Every row block is accumulated on the fixed reference rows ``shift`` (one per
+    label, ``gcodes`` indexing ``labels``) and the blocks are added in a tree.
+    """
+    import dask
+
+    parts = [
+        dask.delayed(_block_moments)(b, g, list(labels), shift, second)
+        for b, g in _row_blocks_of(X, gcodes)
+    ]
+    return _tree(parts, _add_moments)
+
+
+def _block_scatter(block: np.ndarray, gcodes: np.ndarray, labels, shift):
+    import torch
+
+    from ._covariance import ScatterMoments
+
+    s = ScatterMoments.with_shifts(labels, shift)
+    if block.shape[0]:
+        T = torch.from_numpy(np.asarray(block, dtype=np.float64))
+        s.update(T, np.asarray(labels, dtype=object), gcodes)
+    return s
+
+
+def _merge_scatter(*parts):
+    out = parts[0]
+    for p in parts[1:]:
+        out.merge(p)
+    return out
+
+
+def scatter_tree(X: Any, gcodes: np.ndarray, labels: list, shift: np.ndarray):
+    """Delayed :class:`~posthoc_align._covariance.ScatterMoments` of a dask ``X``.
+
+    Same scheme as :func:`moments_tree` (fixed shifts, so :meth:`merge` is a plain
+    sum), with one d×d scatter matrix per label.
+    """
+    import dask
+
+    parts = [
+        dask.delayed(_block_scatter)(b, g, list(labels), shift)
+        for b, g in _row_blocks_of(X, gcodes)
+    ]
+    return _tree(parts, _merge_scatter)
 
 
 def _block_moments(block: np.ndarray, gcodes: np.ndarray, labels, shift, second: bool):
@@ -93,10 +268,9 @@ def partial_fit_dask(est, X, languages, pair_ids):
     from ._stats import LanguageMoments
     from ._validation import check_pair_ids
 
-    if X.ndim != 2:
-        raise ValueError(f"Expected a 2-D dask array (n_rows, n_features), got shape {X.shape}")
-    if any(np.isnan(c) for c in X.chunks[0]):
-        raise ValueError("dask array has unknown chunk sizes; call X.compute_chunk_sizes() first")
+    X = check_dask_X(X)
+    languages = labels_numpy(languages, X, "languages")
+    pair_ids = labels_numpy(pair_ids, X, "pair_ids")
     n, d = X.shape
     first = not hasattr(est, "_moments")
     if first:
@@ -106,8 +280,6 @@ def partial_fit_dask(est, X, languages, pair_ids):
             f"X has {d} features, but {type(est).__name__} is expecting "
             f"{est.n_features_in_} features as input."
         )
-    if X.numblocks[1] > 1:
-        X = X.rechunk({1: -1})
     labels, codes, pids = est._check_metadata(n, languages, pair_ids)
     lab_list = [lab.item() if isinstance(lab, np.generic) else lab for lab in labels.tolist()]
     if first:
@@ -121,11 +293,7 @@ def partial_fit_dask(est, X, languages, pair_ids):
         if m.labels:
             ref = m.shift[0]
         else:
-            ref = np.asarray(X[0].compute(), dtype=np.float64)
-            if not np.isfinite(ref).all():
-                from ._validation import raise_non_finite
-
-                raise_non_finite(ref[None])
+            ref = reference_row(X)
         rows = np.tile(ref, (len(new), 1))
         if m.shift is None:
             m.shift, m.sums = np.zeros((0, d)), np.zeros((0, d))
@@ -140,15 +308,7 @@ def partial_fit_dask(est, X, languages, pair_ids):
             m.sumsq = np.vstack([m.sumsq, np.zeros_like(rows)])
     lut = np.array([m.index.get(lab, -1) for lab in lab_list], dtype=np.int64)
     gcodes = lut[codes]
-    bounds = np.cumsum((0, *X.chunks[0]))
-    blocks = X.to_delayed().ravel()
-    parts = [
-        dask.delayed(_block_moments)(
-            b, gcodes[bounds[k] : bounds[k + 1]], list(m.labels), m.shift, m.second_moments
-        )
-        for k, b in enumerate(blocks)
-    ]
-    todo = {"moments": _tree(parts, _add_moments)}
+    todo = {"moments": moments_tree(X, gcodes, list(m.labels), m.shift, m.second_moments)}
     pairs = getattr(est, "_pairs", None)
     if pairs is not None:
         if pairs.has_buffers() or pairs.released and pairs.S:
@@ -199,16 +359,22 @@ def _transform_block(block, est, langs, block_info=None):
     return est.transform(block, **_accepted(est.transform, **kw))
 
 
-def transform_dask(est, X, languages):
-    """Lazy ``est.transform`` of a dask array, block by block of rows."""
+def transform_dask(est, X, languages, n_features_out: int | None = None):
+    """Lazy ``est.transform`` of a dask array, block by block of rows.
+
+    ``n_features_out``: the number of output columns when it differs from the
+    input's (2-D only), e.g. :class:`~posthoc_align.axes.LanguageAxes` keeping
+    ``n_neutral_`` coordinates.
+    """
     from ._validation import _to_1d_numpy
 
-    if any(np.isnan(c) for c in X.chunks[0]):
-        raise ValueError("dask array has unknown chunk sizes; call X.compute_chunk_sizes() first")
+    X = check_dask_X(X, ndim=X.ndim)
+    languages = labels_numpy(languages, X, "languages")
     langs = None if languages is None else _to_1d_numpy(languages, "languages", X.shape[0])
-    if any(nb > 1 for nb in X.numblocks[1:]):
-        X = X.rechunk({i: -1 for i in range(1, X.ndim)})
     dtype = X.dtype if X.dtype in (np.float32, np.float64) else np.float64
+    kw = {}
+    if n_features_out is not None and n_features_out != X.shape[-1]:
+        kw["chunks"] = (X.chunks[0], (int(n_features_out),))
     return X.map_blocks(
-        _transform_block, est, langs, dtype=dtype, meta=np.empty((0,) * X.ndim, dtype=dtype)
+        _transform_block, est, langs, dtype=dtype, meta=np.empty((0,) * X.ndim, dtype=dtype), **kw
     )

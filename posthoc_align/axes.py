@@ -17,7 +17,8 @@ from ._apply import project_out
 from ._backend import DEVICE_CONSTRAINT
 from ._base import LanguageTransformerMixin, languages_array
 from ._covariance import ScatterMoments
-from ._stats import row_blocks
+from ._dask import is_dask, transform_dask
+from ._stats import _labels_list, row_blocks
 from ._validation import check_languages, raise_non_finite
 from .lsar import language_subspace
 
@@ -131,6 +132,13 @@ class LanguageAxes(LanguageTransformerMixin):
     of the neutral score). ``partial_fit`` over any chunking equals ``fit`` up to
     rounding.
 
+    Dask arrays: ``fit``/``partial_fit`` of a dask ``X`` (``languages`` numpy or
+    dask with ``X``'s row chunks) compute each row block's float64 scatter on the
+    same reference row, add the blocks in a tree (one ``dask.compute``) and solve
+    on the client; it equals the numpy fit to rounding, and numpy and dask
+    batches can be mixed in ``partial_fit``. ``transform`` of a dask array is
+    lazy (``map_blocks``) and returns a dask array.
+
     LDA axes are discriminant directions (filters), not orthonormal: removal
     projects orthogonally onto the complement of their span, through the global
     mean (the basis is orthonormalised by a QR decomposition of the selected
@@ -213,6 +221,8 @@ class LanguageAxes(LanguageTransformerMixin):
                 "that holds only the fitted axes); partial_fit cannot continue it. Call "
                 "fit() on all the data instead."
             )
+        if is_dask(X):
+            return self._partial_fit_dask(X, languages, first)
         nx, X, dev = self._validate(X, reset=first)
         labels, codes = check_languages(languages, X.shape[0])
         s = ScatterMoments() if first else self._scatter
@@ -222,6 +232,22 @@ class LanguageAxes(LanguageTransformerMixin):
         s.update(nx.to_torch(X, dev), labels, codes)
         self._scatter = s
         self._solve(dev)
+        return self
+
+    def _partial_fit_dask(self, X, languages, first: bool):
+        """One dask pass: per-block scatters on shared shifts, tree-reduced, merged."""
+        from ._dask import begin_fit, host_device, labels_numpy, scatter_tree, shared_shifts
+
+        X = begin_fit(self, X, first=first)
+        labels, codes = check_languages(labels_numpy(languages, X, "languages"), X.shape[0])
+        s = ScatterMoments() if first else self._scatter
+        n_lang = len(set(s.labels) | set(labels.tolist()))
+        self._check_sizes(n_lang, int(s.counts.sum()) + X.shape[0], X.shape[1])
+        labs = _labels_list(labels)
+        part = scatter_tree(X, codes, labs, shared_shifts(s.moments, len(labs), X)).compute()
+        s.merge(part)  # same shifts: a plain sum
+        self._scatter = s
+        self._solve(host_device(self))
         return self
 
     def _check_sizes(self, n_lang: int, n_rows: int, d: int) -> None:
@@ -341,6 +367,8 @@ class LanguageAxes(LanguageTransformerMixin):
             ``mode="keep_neutral"``
         """
         check_is_fitted(self)
+        if is_dask(X):
+            return transform_dask(self, X, None, n_features_out=self._n_features_out)
         nx, Xc, dev = self._validate(X, reset=False)
         T = nx.to_torch(Xc, dev)
         if self.mode == "keep_neutral":

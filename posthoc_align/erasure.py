@@ -13,6 +13,7 @@ from ._apply import affine_by_language
 from ._backend import DEVICE_CONSTRAINT
 from ._base import LanguageTransformerMixin
 from ._covariance import check_finite_rows
+from ._dask import is_dask, transform_dask
 from ._stats import row_blocks
 from ._validation import check_languages, raise_non_finite
 
@@ -129,7 +130,15 @@ class LanguageEraser(LanguageTransformerMixin):
     The fitter's whole state is kept as public arrays (``counts_``, ``means_``,
     ``global_mean_``, ``covariance_``, ``n_samples_seen_``), so ``partial_fit``
     continues after a joblib round trip and after :func:`posthoc_align.load`
-    (the fitter is rebuilt from them; pickles hold no torch tensors). Memory:
+    (the fitter is rebuilt from them; pickles hold no torch tensors).
+
+    Dask arrays: ``fit``/``partial_fit`` of a dask ``X`` (``languages`` numpy or
+    dask with ``X``'s row chunks) compute every row block's float64 per-language
+    sums and d×d scatter on one shared reference row, add them in a tree (one
+    ``dask.compute``), merge them into the state above on the client and solve
+    there; this equals the numpy fit to rounding, and dask and numpy batches mix
+    in ``partial_fit``. ``transform`` of a dask array is lazy (``map_blocks``)
+    and returns a dask array. Memory:
     one d×d float64 matrix (``oracle=False``). With one language (``languages``
     omitted) there is nothing to erase and ``transform`` is the identity.
 
@@ -192,22 +201,11 @@ class LanguageEraser(LanguageTransformerMixin):
     def _partial_fit(self, X, languages):
         ce = _concept_erasure()
         first = not hasattr(self, "n_samples_seen_")
+        if is_dask(X):
+            return self._partial_fit_dask(ce, X, languages, first)
         nx, X, dev = self._validate(X, reset=first)
         labels, codes = check_languages(languages, X.shape[0])
-        if first:
-            self.__dict__.pop("_fitter", None)
-            langs, gcodes = labels, codes
-        else:
-            langs = self.languages_
-            gcodes, unknown = self._fitted_codes(labels, codes, policy="ignore")
-            if unknown:
-                raise ValueError(
-                    f"LanguageEraser: language(s) {unknown} are not among the languages "
-                    f"fixed by the first fit/partial_fit call ({langs.tolist()}); the "
-                    "one-hot language concept has one column per language. Call fit() on "
-                    "data covering every language, or make the first partial_fit batch "
-                    "contain at least one row of each language."
-                )
+        langs, gcodes = self._language_codes(labels, codes, first)
         n_lang = len(langs)
         fitter = self._get_fitter(ce, X.shape[1], dev, n_lang)
         fdev = fitter.mean_x.device
@@ -220,6 +218,86 @@ class LanguageEraser(LanguageTransformerMixin):
         counts = np.bincount(gcodes, minlength=n_lang).astype(np.int64)
         self.languages_ = langs
         self.counts_ = counts if first else self.counts_ + counts
+        self._solve()
+        return self
+
+    def _language_codes(self, labels: np.ndarray, codes: np.ndarray, first: bool):
+        """``(languages, row codes into them)``; the first call fixes the languages."""
+        if first:
+            self.__dict__.pop("_fitter", None)
+            return labels, codes
+        gcodes, unknown = self._fitted_codes(labels, codes, policy="ignore")
+        if unknown:
+            raise ValueError(
+                f"LanguageEraser: language(s) {unknown} are not among the languages "
+                f"fixed by the first fit/partial_fit call ({self.languages_.tolist()}); the "
+                "one-hot language concept has one column per language. Call fit() on "
+                "data covering every language, or make the first partial_fit batch "
+                "contain at least one row of each language."
+            )
+        return self.languages_, gcodes
+
+    def _partial_fit_dask(self, ce: Any, X, languages, first: bool):
+        """One dask pass for the fitter's moments, combined with the state so far.
+
+        Per block, float64 per-language sums and (``oracle=False``) the d×d scatter
+        of all rows, on one shared reference row, added in a tree; the batch's
+        counts, means and covariance are then merged into the public state
+        (Chan et al.'s pairwise update) and the fitter is rebuilt from it.
+        """
+        import dask
+
+        from ._dask import (
+            begin_fit,
+            host_device,
+            labels_numpy,
+            moments_tree,
+            scatter_tree,
+            shared_shifts,
+        )
+        from ._stats import _labels_list
+
+        X = begin_fit(self, X, first=first)
+        n, d = X.shape
+        labels, codes = check_languages(labels_numpy(languages, X, "languages"), n)
+        langs, gcodes = self._language_codes(labels, codes, first)
+        labs = _labels_list(langs)
+        shift = shared_shifts(None, len(labs), X)
+        todo = {"moments": moments_tree(X, gcodes, labs, shift, False)}
+        if not self.oracle:
+            todo["scatter"] = scatter_tree(X, np.zeros(n, dtype=np.int64), ["all"], shift[:1])
+        (res,) = dask.compute(todo)
+        m = res["moments"]
+        cnt = m.counts
+        n_b = float(cnt.sum())
+        sums = m.sums.sum(0)
+        mean_b = shift[0] + sums / n_b
+        with np.errstate(invalid="ignore", divide="ignore"):
+            means_b = np.where(cnt[:, None] > 0, m.means(), 0.0)
+        if not self.oracle:
+            cov_b = res["scatter"].scatters()[0]  # Σ (x − mean_b)(x − mean_b)ᵀ
+        if first:
+            n_tot, counts, means, mean = n_b, cnt, means_b, mean_b
+            if not self.oracle:
+                scat = cov_b
+        else:
+            n_a = float(self.n_samples_seen_)
+            n_tot = n_a + n_b
+            counts = self.counts_ + cnt
+            means = (self.means_ * self.counts_[:, None] + means_b * cnt[:, None]) / counts[:, None]
+            mean = (n_a * self.global_mean_ + n_b * mean_b) / n_tot
+            if not self.oracle:
+                delta = mean_b - self.global_mean_
+                scat = self.covariance_ * n_a + cov_b + (n_a * n_b / n_tot) * np.outer(delta, delta)
+        self.languages_ = langs
+        self.counts_ = counts.astype(np.int64)
+        self.n_samples_seen_ = int(n_tot)
+        self.means_ = means
+        self.global_mean_ = mean
+        if not self.oracle:
+            self.covariance_ = (scat + scat.T) / (2.0 * n_tot)
+        self.__dict__.pop("_fitter", None)
+        self._get_fitter(ce, d, host_device(self), len(labs))  # rebuilt from the state above
         self._solve()
         return self
 
@@ -312,6 +390,8 @@ class LanguageEraser(LanguageTransformerMixin):
         X_new : same type as X, shape (n_rows, n_features)
         """
         check_is_fitted(self)
+        if is_dask(X):
+            return transform_dask(self, X, languages if self.oracle else None)
         nx, Xc, dev = self._validate(X, reset=False)
         T = nx.to_torch(Xc, dev)
         if self.oracle:

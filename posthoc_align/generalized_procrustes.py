@@ -17,6 +17,7 @@ from sklearn.utils.validation import check_is_fitted
 from ._backend import DEVICE_CONSTRAINT
 from ._base import LanguageTransformerMixin, languages_array
 from ._covariance import check_finite_rows
+from ._dask import is_dask, transform_dask
 from ._stats import LanguageMoments, _labels_list, _RowStore, row_blocks
 from ._validation import check_languages, check_pair_ids
 from .procrustes import orthogonal_map, rotate_by_language
@@ -110,6 +111,20 @@ class GeneralizedProcrustes(LanguageTransformerMixin):
     ``fit`` on the data so far). Orthogonal maps only: no scaling. Fewer paired
     rows than dimensions leave a map non-unique (a warning).
 
+    Dask arrays: ``fit``/``partial_fit`` of a dask ``X`` (``languages`` and
+    ``pair_ids`` numpy, or dask with ``X``'s row chunks) keep no rows. Every
+    step of GPA is linear in the blocks ``M_lk = Σ_p y_{l,p}ᵀ y_{k,p} / m_p``
+    (``Σ_p y_{l,p}ᵀ c_p = Σ_k M_lk W_k``; objective ``Σ‖y‖² − Σ_lk
+    tr(W_lᵀ M_lk W_k)``), so one ``dask.compute`` gathers the paired rows by
+    pair id into a ``P × (L·d)`` dask matrix and reduces, in a tree, its
+    weighted Gram matrix (``(L·d)²`` float64 on the client, e.g. 10 languages
+    at d = 768: 470 MB) with the language means and sums for the centring; the
+    iterations then run on the client at ``O(L²d³)`` each, with the same
+    updates and stopping rule (equal to the numpy fit to rounding). Each dask
+    ``partial_fit`` recomputes these statistics over every dask batch so far
+    (the weights ``1/m_p`` change as pairs complete); numpy and dask batches
+    cannot be mixed. ``transform`` of a dask array is lazy (``map_blocks``).
+
     Examples
     --------
     >>> import numpy as np
@@ -127,6 +142,8 @@ class GeneralizedProcrustes(LanguageTransformerMixin):
 
     __metadata_request__fit = {"languages": True, "pair_ids": True}
     __metadata_request__partial_fit = {"languages": True, "pair_ids": True}
+
+    _state_attrs = (*LanguageTransformerMixin._state_attrs, "_dask_parts")
 
     _parameter_constraints: dict = {
         "n_iter": [Interval(numbers.Integral, 1, None, closed="left")],
@@ -169,6 +186,7 @@ class GeneralizedProcrustes(LanguageTransformerMixin):
         self._partial_fit(X, languages, pair_ids)
         self._check_complete()
         self._rows = None  # fit is final: release the kept rows
+        self._dask_parts = None  # (and the references to the dask arrays)
         return self
 
     @_fit_context(prefer_skip_nested_validation=True)
@@ -178,11 +196,21 @@ class GeneralizedProcrustes(LanguageTransformerMixin):
 
     def _partial_fit(self, X, languages, pair_ids):
         first = not hasattr(self, "_moments")
-        if not first and getattr(self, "_rows", None) is None:
+        parts = getattr(self, "_dask_parts", None)
+        if not first and getattr(self, "_rows", None) is None and parts is None:
             raise RuntimeError(
                 "GeneralizedProcrustes keeps no rows after fit() (or after loading), and GPA "
                 "needs them all; to stream batches, start with partial_fit() instead of fit()."
             )
+        if not first and is_dask(X) != (parts is not None):
+            raise ValueError(
+                "GeneralizedProcrustes cannot mix numpy/tensor batches and dask arrays in "
+                "partial_fit (GPA reruns on every row so far, which are kept either as rows or "
+                "as dask arrays); convert the batches to one kind, e.g. with "
+                "dask.array.from_array."
+            )
+        if is_dask(X):
+            return self._partial_fit_dask(X, languages, pair_ids, first)
         nx, X, dev = self._validate(X, reset=first)
         if languages is None:
             raise ValueError(
@@ -232,6 +260,59 @@ class GeneralizedProcrustes(LanguageTransformerMixin):
         self.n_iter_ = len(history) - 1
         self.converged_ = converged
 
+    def _partial_fit_dask(self, X, languages, pair_ids, first: bool):
+        """GPA from d×d statistics of one dask pass over every dask batch so far.
+
+        See Notes: the iterations need only the per-language means and the
+        weighted cross-products ``M_lk`` of paired rows, all computed in one
+        ``dask.compute``; the rows never reach the client.
+        """
+        from ._dask import begin_fit, host_device, labels_numpy
+
+        X = begin_fit(self, X, first=first)
+        n = X.shape[0]
+        if languages is None:
+            raise ValueError(
+                "GeneralizedProcrustes needs languages= (one label per row) to know which "
+                "rows share a rotation."
+            )
+        labels, codes = check_languages(labels_numpy(languages, X, "languages"), n)
+        pids = check_pair_ids(
+            labels_numpy(pair_ids, X, "pair_ids"), n, required_by="GeneralizedProcrustes"
+        )
+        parts = [*([] if first else self._dask_parts), (X, labels[codes], pids)]
+        Xall, langs_all, pids_all = _concat_parts(parts)
+        stats = _gpa_stats_dask(Xall, langs_all, pids_all, self.center)  # validates ids first
+        self._moments = stats["moments"]
+        self._dask_parts = parts
+        self._solve_stats(stats, host_device(self))
+        return self
+
+    def _solve_stats(self, stats: dict[str, Any], dev: torch.device) -> None:
+        """``_solve`` from the statistics of :func:`_gpa_stats_dask`."""
+        labels = stats["labels"]
+        self.languages_ = languages_array(labels)
+        self.means_ = stats["moments"].means()  # labels are sorted: languages_ order
+        n_lang, d = len(labels), self.means_.shape[1]
+        self.n_pairs_ = stats["n_pairs"].astype(np.int64)
+        self.unpaired_languages_ = [
+            lab for lab, k in zip(labels, self.n_pairs_, strict=True) if k == 0
+        ]
+        rot = np.tile(np.eye(d), (n_lang, 1, 1))
+        if stats["M"] is None:
+            self.rotations_, self.objective_ = rot, np.zeros(0)
+            self.n_iter_, self.converged_ = 0, False
+            return
+        present = np.flatnonzero(self.n_pairs_)
+        W, history, converged = _gpa_moments(
+            stats["M"], stats["total_sq"], int(self.n_pairs_.sum()), present, d,
+            self.n_iter, self.tol, dev,
+        )  # fmt: skip
+        self.rotations_ = W
+        self.objective_ = np.asarray(history)
+        self.n_iter_ = len(history) - 1
+        self.converged_ = converged
+
     def _check_complete(self) -> None:
         if len(self.languages_) < 2:
             raise ValueError(
@@ -244,7 +325,11 @@ class GeneralizedProcrustes(LanguageTransformerMixin):
                 "language, so they cannot be aligned. Give translations the same pair_id, "
                 "or drop those languages."
             )
-        groups = _connected_groups(self._rows, self.languages_.tolist())
+        if getattr(self, "_dask_parts", None) is not None:
+            ids_by_lang = _ids_by_language(*_concat_parts(self._dask_parts)[1:])
+        else:
+            ids_by_lang = {lab: store.pos for lab, store in self._rows.items()}
+        groups = _connected_groups(ids_by_lang, self.languages_.tolist())
         if len(groups) > 1:
             raise ValueError(
                 f"the languages fall into {len(groups)} groups that share no pair_id with "
@@ -286,6 +371,8 @@ class GeneralizedProcrustes(LanguageTransformerMixin):
         X_new : same type as X
         """
         check_is_fitted(self)
+        if is_dask(X):
+            return transform_dask(self, X, languages)
         n_pairs = dict(zip(self.languages_.tolist(), self.n_pairs_, strict=True))
         return rotate_by_language(
             self,
@@ -370,8 +457,11 @@ def _paired_rows(
     return np.vstack(Ys), np.concatenate(lang_of), np.concatenate(pair_of), len(shared)
 
 
-def _connected_groups(rows: dict[Hashable, _RowStore], langs: list[Hashable]) -> list[list]:
-    """Languages grouped by connectivity through shared pair ids (union-find)."""
+def _connected_groups(ids_by_lang: dict[Hashable, Any], langs: list[Hashable]) -> list[list]:
+    """Languages grouped by connectivity through shared pair ids (union-find).
+
+    ``ids_by_lang`` maps each language to an iterable of its pair ids.
+    """
     parent = {lab: lab for lab in langs}
 
     def find(a):
@@ -382,7 +472,7 @@ def _connected_groups(rows: dict[Hashable, _RowStore], langs: list[Hashable]) ->
 
     owner: dict[Hashable, Hashable] = {}
     for lab in langs:
-        for i in rows[lab].pos if lab in rows else ():
+        for i in ids_by_lang.get(lab, ()):
             if i in owner:
                 parent[find(lab)] = find(owner[i])
             else:
@@ -445,3 +535,150 @@ def _gpa(
             converged = True
             break
     return {g: w.cpu().numpy() for g, w in W.items()}, history, converged
+
+
+def _concat_parts(parts: list) -> tuple[Any, np.ndarray, np.ndarray]:
+    """All dask batches so far as one dask array, with their labels and pair ids."""
+    import dask.array as da
+
+    X = parts[0][0] if len(parts) == 1 else da.concatenate([p[0] for p in parts], axis=0)
+    return X, np.concatenate([p[1] for p in parts]), np.concatenate([p[2] for p in parts])
+
+
+def _ids_by_language(langs: np.ndarray, pids: np.ndarray) -> dict[Hashable, list]:
+    labels, codes = check_languages(langs, langs.shape[0])
+    return {lab: pids[codes == c].tolist() for c, lab in enumerate(_labels_list(labels))}
+
+
+def _pair_layout(
+    labels: np.ndarray, codes: np.ndarray, pids: np.ndarray
+) -> tuple[np.ndarray, np.ndarray]:
+    """Row of each (shared pair id, language), ``-1`` where missing; ``(P, L)``.
+
+    Pair ids held by one language only are dropped (they do not enter GPA); an id
+    occurring twice in one language is an error.
+    """
+    n_lang = len(labels)
+    _, pcodes = np.unique(pids, return_inverse=True)
+    pcodes = pcodes.reshape(-1)
+    n_ids = int(pcodes.max()) + 1 if pcodes.size else 0
+    key = codes * n_ids + pcodes
+    _, first, cnt = np.unique(key, return_index=True, return_counts=True)
+    if (cnt > 1).any():
+        bad = first[np.argmax(cnt > 1)]
+        raise ValueError(
+            f"pair_id {pids[bad]!r} occurs more than once in language "
+            f"{_labels_list(labels)[codes[bad]]!r}; within one language each pair_id must be "
+            "unique (rows sharing a pair_id are translations in different languages)."
+        )
+    shared = np.bincount(pcodes, minlength=n_ids) >= 2
+    compact = np.cumsum(shared) - 1
+    rows = np.flatnonzero(shared[pcodes])
+    layout = np.full((int(shared.sum()), n_lang), -1, dtype=np.int64)
+    layout[compact[pcodes[rows]], codes[rows]] = rows
+    return layout
+
+
+def _gpa_stats_dask(X: Any, langs: np.ndarray, pids: np.ndarray, center: bool) -> dict[str, Any]:
+    """One dask pass: language means and the GPA cross-product matrix ``M``.
+
+    With ``y_{l,p}`` the centred row of language ``l`` and shared pair id ``p``
+    (``m_p`` languages hold ``p``), ``M`` is the ``(L·d) × (L·d)`` matrix of
+    blocks ``M_lk = Σ_p y_{l,p}ᵀ y_{k,p} / m_p`` (over the ids both hold). The
+    consensus step of GPA is then ``Σ_p y_{l,p}ᵀ c_p = Σ_k M_lk W_k`` and the
+    objective ``Σ‖y‖² − Σ_lk tr(W_lᵀ M_lk W_k)``, so the iterations need no rows.
+
+    The products are formed on rows shifted by ``X[0]`` and centred on the client
+    (the means come from the same pass): ``y = y' − δ_l``, ``y' = x − s``.
+    """
+    import dask
+    import dask.array as da
+
+    from ._dask import moments_tree, shared_shifts
+
+    labels, codes = check_languages(langs, langs.shape[0])
+    labs = _labels_list(labels)
+    n_lang, d = len(labs), int(X.shape[1])
+    layout = _pair_layout(labels, codes, pids)
+    shift = shared_shifts(None, n_lang, X)
+    s = shift[0]
+    mask = layout >= 0
+    todo: dict[str, Any] = {"moments": moments_tree(X, codes, labs, shift, False)}
+    P = layout.shape[0]
+    if P:
+        w = 1.0 / mask.sum(1)
+        step = max(1, int(np.median(X.chunks[0])) // n_lang)  # rows of the P × (L·d) matrix
+        Yg = X[np.where(mask, layout, 0).ravel()].astype(np.float64) - s
+        Yg = Yg * da.from_array(mask.ravel().astype(np.float64), chunks=step * n_lang)[:, None]
+        Yg = Yg.rechunk((step * n_lang, d))
+        Y = Yg.reshape(P, n_lang, d).reshape(P, n_lang * d).rechunk((step, -1))
+        wd = da.from_array(w, chunks=step)
+        todo["G"] = da.matmul(Y.T, Y * wd[:, None])
+        todo["H"] = da.matmul(Y.T, da.from_array(mask * w[:, None], chunks=(step, -1)))
+        todo["cs"] = Y.sum(axis=0)
+        todo["sq"] = (Y * Y).sum(axis=0)
+    (res,) = dask.compute(todo)
+    m = res["moments"]
+    out: dict[str, Any] = {
+        "labels": labs,
+        "moments": m,
+        "n_pairs": mask.sum(0),
+        "M": None,
+        "total_sq": 0.0,
+    }
+    if not P:
+        return out
+    delta = (m.means() - s) if center else np.tile(-s, (n_lang, 1))  # y = y' − δ_l
+    K = (mask * w[:, None]).T @ mask.astype(np.float64)
+    G = np.asarray(res["G"]).reshape(n_lang, d, n_lang, d)
+    H = np.asarray(res["H"]).reshape(n_lang, d, n_lang)
+    M = (
+        G
+        - np.einsum("lik,kj->likj", H, delta)
+        - np.einsum("li,kjl->likj", delta, H)
+        + np.einsum("lk,li,kj->likj", K, delta, delta)
+    ).reshape(n_lang * d, n_lang * d)
+    cs = np.asarray(res["cs"]).reshape(n_lang, d)
+    sq = np.asarray(res["sq"]).reshape(n_lang, d).sum(1)
+    n_l = mask.sum(0)
+    out["M"] = (M + M.T) / 2
+    out["total_sq"] = float((sq - 2 * (delta * cs).sum(1) + n_l * (delta * delta).sum(1)).sum())
+    return out
+
+
+def _gpa_moments(
+    M: np.ndarray,
+    total_sq: float,
+    n: int,
+    present: np.ndarray,
+    d: int,
+    n_iter: int,
+    tol: float,
+    dev: torch.device,
+) -> tuple[np.ndarray, list[float], bool]:
+    """The alternating GPA of :func:`_gpa` on the statistics of :func:`_gpa_stats_dask`.
+
+    Same updates, objective and stopping rule, ``O(L²d³)`` per iteration instead
+    of ``O(n d²)``. Returns all maps ``(L, d, d)`` (identity for languages without
+    pairs), the objective history and convergence.
+    """
+    n_lang = M.shape[0] // d
+    Mt = torch.from_numpy(M).to(dev)
+    W = torch.eye(d, dtype=torch.float64, device=dev).repeat(n_lang, 1)  # (L·d, d)
+    scale = total_sq / n
+
+    def objective() -> float:
+        return (total_sq - float((W * (Mt @ W)).sum())) / n
+
+    history, converged = [objective()], False
+    for _ in range(n_iter):
+        cross = (Mt @ W).cpu().numpy()
+        for g in present:
+            sl = slice(int(g) * d, (int(g) + 1) * d)
+            W[sl] = torch.from_numpy(orthogonal_map(cross[sl], dev)).to(dev)
+        obj = objective()
+        history.append(obj)
+        if history[-2] - obj <= tol * scale:
+            converged = True
+            break
+    return W.reshape(n_lang, d, d).cpu().numpy(), history, converged

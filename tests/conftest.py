@@ -55,3 +55,16 @@ def make_multilingual(rng, n_per_lang=40, d=6, langs=("en", "fr", "de"), offset_
 def multilingual():
     """Factory for (X, languages, pair_ids) with planted language offsets."""
     return make_multilingual
+
+
+@pytest.fixture(scope="module")
+def cluster_client():
+    """A 2-worker, 1-thread-each process ``LocalCluster`` and its client (per module)."""
+    distributed = pytest.importorskip("dask.distributed")
+    with (
+        distributed.LocalCluster(
+            n_workers=2, threads_per_worker=1, processes=True, dashboard_address=None
+        ) as cluster,
+        distributed.Client(cluster) as client,
+    ):
+        yield client

@@ -102,18 +102,6 @@ def test_bad_dask_input(rng):
             est.partial_fit(da.from_array(X[:, :3], chunks=50), languages=L)
 
 
-@pytest.fixture(scope="module")
-def cluster_client():
-    distributed = pytest.importorskip("dask.distributed")
-    with (
-        distributed.LocalCluster(
-            n_workers=2, threads_per_worker=1, processes=True, dashboard_address=None
-        ) as cluster,
-        distributed.Client(cluster) as client,
-    ):
-        yield client
-
-
 def test_local_cluster_processes(rng, cluster_client):
     X, L, P = _paired(rng, n=200, d=8)
     ref_c = pa.LanguageStandardizer().fit(X, languages=L)

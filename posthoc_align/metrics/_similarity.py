@@ -21,6 +21,16 @@ at zero).
 
 The module also holds :func:`prepare`, the validation shared by the metrics that
 take ``(X, languages, pair_ids, source, target)``.
+
+Dask arrays.  :func:`prepare` wraps a dask ``X`` in :class:`DaskRows`: the rows of
+the two languages are read lazily, one window (a quarter of the budget) per
+``dask.compute``, only rows of the selected languages.  :func:`scan` then reads
+the queries once if they fit a quarter of the budget (else window by window),
+and the targets once if they fit half of it; larger targets are read in
+segments of a quarter of the budget, each segment once, every query streamed
+against it.  Memory stays within the budget whatever the size of ``X`` (the
+queries are re-read once per target segment), and the results equal those of
+the numpy path: per query row, the target blocks are visited in the same order.
 """
 
 from __future__ import annotations
@@ -32,12 +42,14 @@ from typing import Any
 import numpy as np
 import torch
 
-from .._backend import Backend, compute_dtype, resolve_device
+from .._backend import _BACKENDS, Backend, compute_dtype, resolve_device
+from .._dask import check_dask_X, is_dask, labels_numpy
 from .._stats import row_blocks
 from .._validation import check_languages, check_pair_ids, check_X, raise_non_finite
 
 __all__ = [
     "DEFAULT_MEMORY_BUDGET",
+    "DaskRows",
     "NoPairsError",
     "MIN_QUERY_BLOCK",
     "Paired",
@@ -116,6 +128,11 @@ class Rows:
     def n_features(self) -> int:
         return int(self.base.shape[1])
 
+    @property
+    def dtype(self) -> torch.dtype:
+        """torch dtype of the rows as stored."""
+        return self.base.dtype
+
     def is_view_on(self, device: torch.device, dtype: torch.dtype) -> bool:
         """True when blocks are views: contiguous rows already on ``device`` in ``dtype``."""
         return self.start is not None and self.base.device == device and self.base.dtype == dtype
@@ -134,6 +151,79 @@ class Rows:
         """The rows at ``positions`` of this subset."""
         pos = np.asarray(positions, dtype=np.int64)
         return Rows(self.base, self.index[pos], self.origin[pos])
+
+
+_TORCH_DTYPES = {
+    np.dtype(np.float16): torch.float16,
+    np.dtype(np.float32): torch.float32,
+    np.dtype(np.float64): torch.float64,
+}
+
+
+class DaskRows(Rows):
+    """A subset of the rows of a 2-D dask array, computed window by window.
+
+    Parameters
+    ----------
+    base : dask.array.Array of shape (n_rows, n_features)
+        All rows (validated: floating dtype, one chunk of columns).
+    index, origin : ndarray of shape (n,)
+        As for :class:`Rows`.
+    window_bytes : int, default=DEFAULT_MEMORY_BUDGET // 4
+        Size of the window kept on the host: a ``take`` inside the window is a
+        slice of it; one outside computes the next window (only the rows of the
+        subset, in one ``dask.compute``). Requests larger than a window are
+        computed as they are and not kept.
+    """
+
+    def __init__(
+        self,
+        base: Any,
+        index: np.ndarray,
+        origin: np.ndarray | None = None,
+        window_bytes: int = DEFAULT_MEMORY_BUDGET // 4,
+    ):
+        super().__init__(base, index, origin)
+        self.window_bytes = int(window_bytes)
+        self._window: torch.Tensor | None = None
+        self._window_lo = 0
+
+    @property
+    def dtype(self) -> torch.dtype:
+        return _TORCH_DTYPES.get(np.dtype(self.base.dtype), torch.float64)
+
+    def is_view_on(self, device: torch.device, dtype: torch.dtype) -> bool:
+        return False
+
+    def _compute(self, lo: int, hi: int) -> torch.Tensor:
+        idx = self.index[lo:hi]
+        if idx.size == 0:
+            return torch.empty((0, self.n_features), dtype=self.dtype)
+        if idx[-1] - idx[0] == idx.size - 1 and (np.diff(idx) == 1).all():
+            block = self.base[int(idx[0]) : int(idx[-1]) + 1].compute()
+        else:
+            u, inv = np.unique(idx, return_inverse=True)
+            block = self.base[u].compute()[inv.reshape(-1)]
+        return torch.from_numpy(np.ascontiguousarray(block, dtype=np.dtype(self.base.dtype)))
+
+    def take(self, lo: int, hi: int, device: torch.device, dtype: torch.dtype) -> torch.Tensor:
+        w = self._window
+        if w is not None and self._window_lo <= lo and hi <= self._window_lo + w.shape[0]:
+            B = w[lo - self._window_lo : hi - self._window_lo]
+        else:
+            itemsize = torch.empty((), dtype=self.dtype).element_size()
+            span = max(1, self.window_bytes // max(1, self.n_features * itemsize))
+            if hi - lo >= span:
+                self._window = None
+                return self._compute(lo, hi).to(device=device, dtype=dtype)
+            self._window_lo = lo
+            self._window = self._compute(lo, min(len(self), lo + span))
+            B = self._window[: hi - lo]
+        return B.to(device=device, dtype=dtype)
+
+    def subset(self, positions: np.ndarray) -> DaskRows:
+        pos = np.asarray(positions, dtype=np.int64)
+        return DaskRows(self.base, self.index[pos], self.origin[pos], self.window_bytes)
 
 
 @dataclass
@@ -295,28 +385,40 @@ def scan(
     views.  Otherwise they are gathered and cached on ``device`` once when that
     copy takes at most half the budget, else gathered block by block (their cost
     is then counted in every block).
+
+    Dask arrays (:class:`DaskRows`): queries that fit a quarter of the budget
+    and targets that fit half of it are computed once; larger targets are
+    computed in segments of a quarter of the budget, each once, and every query
+    block meets every segment (target blocks keep their order per query row, so
+    the result is the numpy path's).
     """
     if similarity not in ("cosine", "dot"):
         raise ValueError(f"similarity must be 'cosine' or 'dot', got {similarity!r}.")
     device = torch.device(device)
-    dtype = compute_dtype(queries.base.dtype)
+    dtype = compute_dtype(queries.dtype)
     m, n, d = len(queries), len(targets), queries.n_features
     itemsize = torch.empty((), dtype=dtype).element_size()
     budget = memory_budget
     stream = False
+    segment = n  # targets per segment; dask targets too large for the budget are split
+    if isinstance(queries, DaskRows):  # computed once, or window by window
+        budget -= min(m * d * itemsize, queries.window_bytes)
+        if m * d * itemsize <= memory_budget // 4:
+            queries = Rows(queries.take(0, m, device, dtype), np.arange(m), queries.origin)
     if not targets.is_view_on(device, dtype):
         if n * d * itemsize <= memory_budget // 2:
             targets = Rows(targets.take(0, n, device, dtype), np.arange(n), targets.origin)
-            budget = memory_budget - n * d * itemsize
+            budget -= n * d * itemsize
+        elif isinstance(targets, DaskRows):
+            segment = max(1, (memory_budget // 4) // (d * itemsize))
+            budget -= segment * d * itemsize
         else:
             stream = True
-    bq, bt = plan_blocks(m, n, d, itemsize, budget, stream_targets=stream)
+    budget = max(1, budget)
+    bq, bt = plan_blocks(m, segment, d, itemsize, budget, stream_targets=stream)
     k = min(int(k), n)
 
     with torch.no_grad():
-        t_inv = _inverse_norms(targets, device, dtype)  # also rejects NaN/inf, at O(n·d)
-        if similarity == "dot":
-            t_inv = None
         res = ScanResult()
         if k:
             top_v = torch.full((m, k), -torch.inf, dtype=dtype, device=device)
@@ -330,29 +432,41 @@ def scan(
             if exclude is not None
             else None
         )
-        for qs in row_blocks(m, bq):
-            Q = queries.take(qs.start, qs.stop, device, dtype)
-            q_norm = torch.linalg.vector_norm(Q, dim=1)
-            if not bool(torch.isfinite(q_norm).all()):
-                _raise_non_finite_row(queries, Q, qs.start)
-            q_inv = torch.where(q_norm > 0, 1.0 / q_norm, torch.zeros_like(q_norm))
-            for ts in row_blocks(n, bt):
-                T = targets.take(ts.start, ts.stop, device, dtype)
-                S = Q @ T.T
-                if t_inv is not None:
-                    S.mul_(q_inv[:, None]).mul_(t_inv[None, ts])
-                if scorer is not None:
-                    scorer(S, qs, ts)
-                if excl_t is not None:
-                    _mask(S, excl_t[qs], ts)
-                if k:
-                    _merge_topk(S, ts.start, top_v, top_i, qs, k)
-                if gold is not None:
-                    rows, cols = _in_block(gold_t[qs], ts)
-                    if rows.numel():
-                        g_score[qs.start + rows] = S[rows, cols]
-                        S[rows, cols] = -torch.inf
-                    other[qs] = torch.maximum(other[qs], S.amax(dim=1))
+        for t0 in range(0, n, max(segment, 1)):
+            t1 = min(n, t0 + segment)
+            if segment == n:
+                seg = targets
+            else:  # one dask segment of targets, computed once
+                seg = Rows(
+                    targets.take(t0, t1, device, dtype), np.arange(t1 - t0), targets.origin[t0:t1]
+                )
+            t_inv = _inverse_norms(seg, device, dtype)  # also rejects NaN/inf, at O(n·d)
+            if similarity == "dot":
+                t_inv = None
+            for qs in row_blocks(m, bq):
+                Q = queries.take(qs.start, qs.stop, device, dtype)
+                q_norm = torch.linalg.vector_norm(Q, dim=1)
+                if not bool(torch.isfinite(q_norm).all()):
+                    _raise_non_finite_row(queries, Q, qs.start)
+                q_inv = torch.where(q_norm > 0, 1.0 / q_norm, torch.zeros_like(q_norm))
+                for ls in row_blocks(t1 - t0, bt):
+                    ts = slice(t0 + ls.start, t0 + ls.stop)  # positions among all targets
+                    T = seg.take(ls.start, ls.stop, device, dtype)
+                    S = Q @ T.T
+                    if t_inv is not None:
+                        S.mul_(q_inv[:, None]).mul_(t_inv[None, ls])
+                    if scorer is not None:
+                        scorer(S, qs, ts)
+                    if excl_t is not None:
+                        _mask(S, excl_t[qs], ts)
+                    if k:
+                        _merge_topk(S, ts.start, top_v, top_i, qs, k)
+                    if gold is not None:
+                        rows, cols = _in_block(gold_t[qs], ts)
+                        if rows.numel():
+                            g_score[qs.start + rows] = S[rows, cols]
+                            S[rows, cols] = -torch.inf
+                        other[qs] = torch.maximum(other[qs], S.amax(dim=1))
         if k:
             res.topk_values, res.topk_indices = top_v.cpu(), top_i.cpu()
         if gold is not None:
@@ -404,9 +518,11 @@ class Paired:
 
     Attributes
     ----------
-    nx : Backend
-    base : torch.Tensor
-        ``X`` as a tensor on its own device (a view of numpy input).
+    nx : Backend or None
+        None for a dask ``X``.
+    base : torch.Tensor or dask.array.Array
+        ``X`` as a tensor on its own device (a view of numpy input), or the
+        validated dask array.
     source, target : Rows
         All rows of each language, in row order.
     gold : ndarray of shape (n_source,) or None
@@ -414,12 +530,17 @@ class Paired:
     device : torch.device
     """
 
-    nx: Backend
-    base: torch.Tensor
+    nx: Backend | None
+    base: Any
     source: Rows
     target: Rows
     gold: np.ndarray | None
     device: torch.device
+
+    @property
+    def dtype(self) -> torch.dtype:
+        """torch dtype of the rows of ``X`` as stored."""
+        return self.source.dtype
 
     @property
     def has_partner(self) -> np.ndarray:
@@ -447,13 +568,25 @@ def prepare(
     func: str,
     device: Any = "auto",
     need_pairs: bool = True,
+    memory_budget: int = DEFAULT_MEMORY_BUDGET,
 ) -> Paired:
     """Validate ``(X, languages, pair_ids, source, target)`` for a metric named ``func``.
 
     Raises a ValueError when lengths differ, a language is unknown, ``source ==
     target``, or a source row's ``pair_id`` occurs on several target rows.
+
+    A dask ``X`` is not computed: the source and target rows become
+    :class:`DaskRows` (windows of ``memory_budget // 4`` bytes); dask
+    ``languages``/``pair_ids`` must have ``X``'s row chunks and are computed.
     """
-    nx, X = check_X(X, name="X")
+    dask_in = is_dask(X)
+    if dask_in:
+        X = check_dask_X(X)
+        languages = labels_numpy(languages, X, "languages")
+        pair_ids = labels_numpy(pair_ids, X, "pair_ids") if need_pairs else None
+        nx = None
+    else:
+        nx, X = check_X(X, name="X")
     n = X.shape[0]
     if languages is None:
         raise ValueError(f"{func} needs languages= (one language label per row of X).")
@@ -485,6 +618,12 @@ def prepare(
         pos = np.full(n_ids, -1, dtype=np.int64)
         pos[ct] = np.arange(tgt.size)
         gold = pos[cs]
+    if dask_in:
+        dev = resolve_device(device, _BACKENDS["numpy"], None)
+        window = max(1, memory_budget // 4)
+        return Paired(
+            None, X, DaskRows(X, src, None, window), DaskRows(X, tgt, None, window), gold, dev
+        )
     base = nx.to_torch(X)
     dev = resolve_device(device, nx, X)
     return Paired(nx, base, Rows(base, src), Rows(base, tgt), gold, dev)

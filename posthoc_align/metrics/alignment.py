@@ -32,7 +32,7 @@ def pair_cosines(
     a: Rows, b: Rows, *, device: torch.device, memory_budget: int = DEFAULT_MEMORY_BUDGET
 ) -> np.ndarray:
     """Cosine of ``a[i]`` and ``b[i]`` for every ``i`` (float64 numpy, 0 for zero rows)."""
-    dtype = compute_dtype(a.base.dtype)
+    dtype = compute_dtype(a.dtype)
     itemsize = torch.empty((), dtype=dtype).element_size()
     out = np.empty(len(a))
     with torch.no_grad():
@@ -57,7 +57,7 @@ def unit_mean(
     rows: Rows, *, device: torch.device, memory_budget: int = DEFAULT_MEMORY_BUDGET
 ) -> np.ndarray:
     """Mean of the unit-normalised rows (zero rows stay zero), float64 numpy."""
-    dtype = compute_dtype(rows.base.dtype)
+    dtype = compute_dtype(rows.dtype)
     itemsize = torch.empty((), dtype=dtype).element_size()
     acc = torch.zeros(rows.n_features, dtype=torch.float64, device=device)
     with torch.no_grad():
@@ -136,6 +136,12 @@ def alignment_scores(
     without a translation are not scored but take part in the strong condition
     and in the cross-language mean, as do target rows without one.
 
+    Dask arrays: ``X`` may be a dask array (``languages``/``pair_ids`` numpy, or dask with
+    ``X``'s row chunks). Only the rows of ``source`` and ``target`` are computed,
+    window by window (``memory_budget // 4`` bytes each); targets larger than
+    half the budget are read in segments of a quarter, each once, so memory
+    stays within ``memory_budget``. The result equals the numpy one.
+
     Examples
     --------
     >>> import numpy as np
@@ -150,10 +156,19 @@ def alignment_scores(
     if similarity not in _SIMILARITIES:
         raise ValueError(f"similarity must be one of {list(_SIMILARITIES)}, got {similarity!r}.")
     memory_budget = check_memory_budget(memory_budget)
-    p = prepare(X, languages, pair_ids, source, target, func="alignment_scores", device=device)
+    p = prepare(
+        X,
+        languages,
+        pair_ids,
+        source,
+        target,
+        func="alignment_scores",
+        device=device,
+        memory_budget=memory_budget,
+    )
     queries = require_pairs(p, "alignment_scores", source, target)
     q_rows = p.source.subset(queries)
-    dtype = compute_dtype(p.base.dtype)
+    dtype = compute_dtype(p.dtype)
     kind = "cosine" if similarity == "cosine" else "dot"
 
     def scorer(rows: Rows) -> Any:

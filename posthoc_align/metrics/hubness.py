@@ -88,6 +88,12 @@ def hubness(
     -----
     Ties at the ``k``-th neighbour are broken arbitrarily (``torch.topk``).
 
+    Dask arrays: ``X`` may be a dask array (``languages`` numpy, or dask with
+    ``X``'s row chunks). Only the rows of ``source`` and ``target`` are computed,
+    window by window (``memory_budget // 4`` bytes each); targets larger than
+    half the budget are read in segments of a quarter, each once, so memory
+    stays within ``memory_budget``. The result equals the numpy one.
+
     Examples
     --------
     >>> import numpy as np
@@ -102,13 +108,23 @@ def hubness(
         raise ValueError(f"scoring must be one of {list(_SCORINGS)}, got {scoring!r}.")
     k = check_k(k)
     memory_budget = check_memory_budget(memory_budget)
-    p = prepare(X, languages, None, source, target, func="hubness", device=device, need_pairs=False)
+    p = prepare(
+        X,
+        languages,
+        None,
+        source,
+        target,
+        func="hubness",
+        device=device,
+        need_pairs=False,
+        memory_budget=memory_budget,
+    )
     n_s, n_t = len(p.source), len(p.target)
     kk = min(k, n_t)
     scorer = None
     if scoring == "csls":
         r_s = csls_penalties(p.target, p.source, k, memory_budget=memory_budget, device=p.device)
-        scorer = _csls_scorer(r_s.to(p.device, compute_dtype(p.base.dtype)))
+        scorer = _csls_scorer(r_s.to(p.device, compute_dtype(p.dtype)))
     res = scan(
         p.source,
         p.target,

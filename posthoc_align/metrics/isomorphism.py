@@ -141,6 +141,12 @@ def eigenvector_similarity(
     ``n_samples`` for more than a few thousand pairs. Ties among the ``k``-th
     neighbours are broken arbitrarily.
 
+    Dask arrays: ``X`` may be a dask array (``languages``/``pair_ids`` numpy, or dask with
+    ``X``'s row chunks). Only the rows of ``source`` and ``target`` are computed,
+    window by window (``memory_budget // 4`` bytes each); targets larger than
+    half the budget are read in segments of a quarter, each once, so memory
+    stays within ``memory_budget`` (plus the dense Laplacian above). The result equals the numpy one.
+
     Examples
     --------
     >>> import numpy as np
@@ -156,7 +162,14 @@ def eigenvector_similarity(
     k = check_k(k)
     memory_budget = check_memory_budget(memory_budget)
     p = prepare(
-        X, languages, pair_ids, source, target, func="eigenvector_similarity", device=device
+        X,
+        languages,
+        pair_ids,
+        source,
+        target,
+        func="eigenvector_similarity",
+        device=device,
+        memory_budget=memory_budget,
     )
     a, b = _paired_rows(p, "eigenvector_similarity", source, target, n_samples, random_state)
     e1 = knn_laplacian_spectrum(a, k, memory_budget=memory_budget, device=p.device)
@@ -167,7 +180,7 @@ def eigenvector_similarity(
 
 def _unit_moments(a: Rows, b: Rows, device: torch.device, memory_budget: int) -> dict[str, Any]:
     """float64 d×d Gram moments of the unit-normalised paired rows."""
-    dtype = compute_dtype(a.base.dtype)
+    dtype = compute_dtype(a.dtype)
     d = a.n_features
     f64 = torch.float64
     G_aa = torch.zeros((d, d), dtype=f64, device=device)
@@ -250,6 +263,14 @@ def relational_similarity(
     float
         In [-1, 1]; NaN when the cosines of one language are all equal.
 
+    Notes
+    -----
+    Dask arrays: ``X`` may be a dask array (``languages``/``pair_ids`` numpy, or dask with
+    ``X``'s row chunks). Only the rows of ``source`` and ``target`` are computed,
+    window by window (``memory_budget // 4`` bytes each); targets larger than
+    half the budget are read in segments of a quarter, each once, so memory
+    stays within ``memory_budget``. The result equals the numpy one.
+
     Examples
     --------
     >>> import numpy as np
@@ -263,7 +284,16 @@ def relational_similarity(
     1.0
     """
     memory_budget = check_memory_budget(memory_budget)
-    p = prepare(X, languages, pair_ids, source, target, func="relational_similarity", device=device)
+    p = prepare(
+        X,
+        languages,
+        pair_ids,
+        source,
+        target,
+        func="relational_similarity",
+        device=device,
+        memory_budget=memory_budget,
+    )
     a, b = _paired_rows(p, "relational_similarity", source, target, n_samples, random_state)
     m = _unit_moments(a, b, p.device, memory_budget)
     n = len(a)

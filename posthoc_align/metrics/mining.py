@@ -125,6 +125,11 @@ def bitext_mining_f1(
     * A source row whose best target is not its translation is a false positive
       when kept; a gold pair whose source does not propose it is a false negative.
     * Ties between candidate targets go to the lowest target row.
+    * Dask arrays: ``X`` may be a dask array (``languages``/``pair_ids`` numpy, or dask with
+      ``X``'s row chunks). Only the rows of ``source`` and ``target`` are computed,
+      window by window (``memory_budget // 4`` bytes each); targets larger than
+      half the budget are read in segments of a quarter, each once, so memory
+      stays within ``memory_budget``. The result equals the numpy one.
 
     Examples
     --------
@@ -142,9 +147,18 @@ def bitext_mining_f1(
     if not isinstance(dev_fraction, float | int) or not 0 < dev_fraction < 1:
         raise ValueError(f"dev_fraction must be a float in (0, 1), got {dev_fraction!r}.")
     memory_budget = check_memory_budget(memory_budget)
-    p = prepare(X, languages, pair_ids, source, target, func="bitext_mining_f1", device=device)
+    p = prepare(
+        X,
+        languages,
+        pair_ids,
+        source,
+        target,
+        func="bitext_mining_f1",
+        device=device,
+        memory_budget=memory_budget,
+    )
     require_pairs(p, "bitext_mining_f1", source, target)
-    dtype = compute_dtype(p.base.dtype)
+    dtype = compute_dtype(p.dtype)
     a = csls_penalties(p.source, p.target, k, memory_budget=memory_budget, device=p.device) / 2
     b = csls_penalties(p.target, p.source, k, memory_budget=memory_budget, device=p.device) / 2
     res = scan(

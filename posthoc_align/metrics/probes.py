@@ -12,17 +12,27 @@ from sklearn.model_selection import StratifiedKFold, cross_val_score
 from sklearn.pipeline import make_pipeline
 from sklearn.preprocessing import StandardScaler
 
+from .._dask import check_dask_X, is_dask, labels_numpy
 from .._validation import check_labels, check_languages, check_X, raise_non_finite
 
 __all__ = ["language_id_accuracy", "transfer_gap"]
 
 
 def _host(X: Any) -> np.ndarray:
-    nx, X = check_X(X, name="X")
-    A = nx.asnumpy(X)
+    if is_dask(X):
+        A = np.asarray(check_dask_X(X).compute())
+    else:
+        nx, X = check_X(X, name="X")
+        A = nx.asnumpy(X)
     if not np.isfinite(A).all():
         raise_non_finite(A)
     return A
+
+
+def _predict_block(block: np.ndarray, model: Any) -> np.ndarray:
+    if not np.isfinite(block).all():
+        raise_non_finite(block)
+    return model.predict(block)
 
 
 def language_id_accuracy(
@@ -61,7 +71,16 @@ def language_id_accuracy(
     >>> X = rng.normal(size=(60, 4)) + np.repeat([[0.0] * 4, [5.0] * 4], 30, axis=0)
     >>> language_id_accuracy(X, ["en"] * 30 + ["de"] * 30)
     {'accuracy': 1.0, 'majority_baseline': 0.5, 'n_languages': 2}
+
+    Notes
+    -----
+    Dask arrays: ``X`` may be a dask array (``languages`` numpy or dask with
+    ``X``'s row chunks). The probe's folds train on all rows, so ``X`` is
+    computed to the host (``n × d``, as with numpy input); the result equals
+    the numpy one.
     """
+    if is_dask(X):
+        languages = labels_numpy(languages, check_dask_X(X), "languages")
     A = _host(X)
     labels, codes = check_languages(languages, A.shape[0])
     if labels.size < 2:
@@ -125,6 +144,12 @@ def transfer_gap(
     each fold fitting a fresh clone. The transfer model is fitted once on all
     source rows.
 
+    Dask arrays: ``X`` may be a dask array (``y`` and ``languages`` numpy or
+    dask with ``X``'s row chunks). Only the source language's rows are computed
+    to the host (the probe trains on them); every other row is predicted block
+    by block (``map_blocks``), so memory is the source rows plus one chunk. The
+    result equals the numpy one.
+
     Examples
     --------
     >>> import numpy as np
@@ -137,8 +162,14 @@ def transfer_gap(
     >>> out["source_score"], out["gap"] > 0
     (1.0, True)
     """
-    A = _host(X)
-    n = A.shape[0]
+    dask_in = is_dask(X)
+    if dask_in:
+        X = check_dask_X(X)
+        y, languages = labels_numpy(y, X, "y"), labels_numpy(languages, X, "languages")
+        n = X.shape[0]
+    else:
+        A = _host(X)
+        n = A.shape[0]
     y_labels, y_codes = check_labels(y, n, "y")
     y_arr = y_labels[y_codes]
     labels, codes = check_languages(languages, n)
@@ -165,17 +196,28 @@ def transfer_gap(
             "source score needs at least 2 rows per class."
         )
     folds = StratifiedKFold(n_splits=n_splits, shuffle=True, random_state=0)
+    A_src = _host(X[np.flatnonzero(is_src)]) if dask_in else A[is_src]
     source_score = float(
-        cross_val_score(clone(clf), A[is_src], y_src, cv=folds, scoring="accuracy").mean()
+        cross_val_score(clone(clf), A_src, y_src, cv=folds, scoring="accuracy").mean()
     )
-    model = clone(clf).fit(A[is_src], y_src)
+    model = clone(clf).fit(A_src, y_src)
+    if dask_in:  # every other row predicted block by block, one dask.compute
+        rest = np.flatnonzero(~is_src)
+        pred = X[rest].map_blocks(
+            _predict_block, model, drop_axis=1, dtype=y_src.dtype, meta=np.empty(0, y_src.dtype)
+        )
+        hit = np.zeros(n, dtype=bool)
+        hit[rest] = np.asarray(pred.compute()) == y_arr[rest]
     scores: dict[Any, float] = {}
     for i, lang in enumerate(known):
         if i == s:
             scores[lang] = source_score
         else:
             rows = codes == i
-            scores[lang] = float(np.mean(model.predict(A[rows]) == y_arr[rows]))
+            if dask_in:
+                scores[lang] = float(np.mean(hit[rows]))
+            else:
+                scores[lang] = float(np.mean(model.predict(A[rows]) == y_arr[rows]))
     target_mean = float(np.mean([v for i, v in enumerate(scores.values()) if i != s]))
     return {
         "scores": scores,

@@ -66,7 +66,7 @@ def _gold_and_best(
     scorer = None
     if scoring == "csls":
         r_s = csls_penalties(p.target, p.source, k, memory_budget=memory_budget, device=p.device)
-        scorer = _csls_scorer(r_s.to(p.device, dtype=compute_dtype(p.base.dtype)))
+        scorer = _csls_scorer(r_s.to(p.device, dtype=compute_dtype(p.dtype)))
     res = scan(
         p.source.subset(queries),
         p.target,
@@ -149,6 +149,11 @@ def retrieval_accuracy(
       the ranking; the search ranks by ``2 cos(x, y) − r_S(y)`` and skips that pass.
     * Scores are computed in the precision of ``X`` (float32 stays float32).
       Memory is ``O(block × n_target)``: no n×n matrix is formed.
+    * Dask arrays: ``X`` may be a dask array (``languages``/``pair_ids`` numpy, or dask with
+      ``X``'s row chunks). Only the rows of ``source`` and ``target`` are computed,
+      window by window (``memory_budget // 4`` bytes each); targets larger than
+      half the budget are read in segments of a quarter, each once, so memory
+      stays within ``memory_budget``. The result equals the numpy one.
 
     Examples
     --------
@@ -166,7 +171,16 @@ def retrieval_accuracy(
         raise ValueError(f"scoring must be one of {list(_SCORINGS)}, got {scoring!r}.")
     k = check_k(k)
     memory_budget = check_memory_budget(memory_budget)
-    p = prepare(X, languages, pair_ids, source, target, func="retrieval_accuracy", device=device)
+    p = prepare(
+        X,
+        languages,
+        pair_ids,
+        source,
+        target,
+        func="retrieval_accuracy",
+        device=device,
+        memory_budget=memory_budget,
+    )
     queries = require_pairs(p, "retrieval_accuracy", source, target)
     g, best = _gold_and_best(p, queries, scoring, k, memory_budget)
     return float(np.mean(g > best))

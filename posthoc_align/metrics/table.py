@@ -10,6 +10,7 @@ import warnings
 from collections.abc import Callable, Hashable, Iterable, Mapping, Sequence
 from typing import Any
 
+from .._dask import check_dask_X, is_dask, labels_numpy
 from .._validation import check_languages, check_X
 from ._similarity import NoPairsError
 from .alignment import alignment_scores
@@ -102,6 +103,13 @@ def evaluate_pairs(
     ``value = nan`` and a warning, so one sparse pair does not stop a large table;
     every other error is raised.
 
+    Dask arrays: ``X`` may be a dask array (``languages``/``pair_ids`` numpy or
+    dask with ``X``'s row chunks, computed once here). Every metric then reads
+    only the rows of its two languages, window by window under
+    ``memory_budget`` (see the metric functions), so the table equals the numpy
+    one; the rows are re-read per (pair, metric function), so persist ``X``
+    first if it is expensive to compute.
+
     Examples
     --------
     >>> import numpy as np
@@ -137,7 +145,12 @@ def evaluate_pairs(
             f"keyword argument(s) {stray} are not taken by the chosen metrics; "
             f"valid ones: {sorted(usable)}."
         )
-    _, X = check_X(X, name="X")
+    if is_dask(X):  # metadata computed once, X read lazily by every metric
+        X = check_dask_X(X)
+        languages = labels_numpy(languages, X, "languages")
+        pair_ids = labels_numpy(pair_ids, X, "pair_ids")
+    else:
+        _, X = check_X(X, name="X")
     labels, _ = check_languages(languages, X.shape[0])
     known = labels.tolist()
     if pairs is None:
