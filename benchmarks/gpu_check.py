@@ -369,11 +369,14 @@ def encoding_timings(devices: list[str], e5_file: str | None, texts_file: str | 
         texts = [" ".join(f"w{i}" for i in rng.integers(0, 30000, rng.integers(8, 60)))
                  for _ in range(n_texts)]  # fmt: skip
         src_txt = f"{n_texts} random texts of 8-60 words"
-    emit(f"## Encoding: {what}; {src_txt}; batch {batch_size}")
+    emit(f"## Encoding: {what}; {src_txt}")
     emit("")
-    emit("| device | sentence-transformers fp32, last layer | HFEncoder fp32, 13 layers | "
+    emit("| device, batch | sentence-transformers fp32, last layer | HFEncoder fp32, 13 layers | "
          "HFEncoder bf16, 13 layers | bf16 / ST fp32 | min cosine bf16 vs fp32 (per layer) |")  # fmt: skip
     emit("|---|---|---|---|---|---|")
+    runs = [
+        (dv, bs) for dv in devices for bs in ([batch_size] if dv == "cpu" else [batch_size, 256])
+    ]
     import transformers
 
     transformers.logging.set_verbosity_error()
@@ -384,7 +387,7 @@ def encoding_timings(devices: list[str], e5_file: str | None, texts_file: str | 
     except ImportError:
         SentenceTransformer = None
     prefixed = [prefix + t for t in texts]
-    for dv in devices:
+    for dv, batch_size in runs:
         try:
             with warnings.catch_warnings():
                 warnings.simplefilter("ignore")
@@ -392,7 +395,7 @@ def encoding_timings(devices: list[str], e5_file: str | None, texts_file: str | 
                                  show_progress_bar=False)  # fmt: skip
                 bf16 = HFEncoder(str(folder), batch_size=batch_size, device=dv, prefix=prefix,
                                  dtype="bfloat16", show_progress_bar=False)  # fmt: skip
-            repeat = 2 if dv != "cpu" else 1
+            repeat = 2
             fp32.encode(texts[:64])  # warm-up: first-call allocations, kernels, autotuning
             bf16.encode(texts[:64])
             t32 = best_time(lambda fp32=fp32: fp32.encode(texts), repeat=repeat, warmup=0)
@@ -406,7 +409,7 @@ def encoding_timings(devices: list[str], e5_file: str | None, texts_file: str | 
                 )
                 st.encode(prefixed[:64], batch_size=batch_size, show_progress_bar=False)
                 tst = best_time(
-                    lambda st=st: st.encode(prefixed, batch_size=batch_size,
+                    lambda st=st, bs=batch_size: st.encode(prefixed, batch_size=bs,
                                             convert_to_numpy=True, show_progress_bar=False),
                     repeat=repeat, warmup=0,
                 )  # fmt: skip
@@ -418,16 +421,23 @@ def encoding_timings(devices: list[str], e5_file: str | None, texts_file: str | 
             else:
                 tst, st_cell, ratio = float("nan"), "not installed", "–"
             RESULTS.setdefault("encode", []).append(
-                [dv, len(texts) / t32, len(texts) / t16, len(texts) / tst, float(cos.min())]
+                [
+                    dv,
+                    batch_size,
+                    len(texts) / t32,
+                    len(texts) / t16,
+                    len(texts) / tst,
+                    float(cos.min()),
+                ]
             )
             emit(
-                f"| {dv} | {st_cell} | {len(texts) / t32:,.0f} texts/s ({tst / t32:.2f}× ST) | "
+                f"| {dv}, {batch_size} | {st_cell} | {len(texts) / t32:,.0f} texts/s ({tst / t32:.2f}× ST) | "
                 f"{len(texts) / t16:,.0f} texts/s | {ratio} | {cos.min(0).min():.6f} |"
             )
             del fp32, bf16
         except Exception as exc:  # noqa: BLE001
             traceback.print_exc()
-            emit(f"| {dv} | ERROR {type(exc).__name__}: {str(exc)[:150]} | | | | |")
+            emit(f"| {dv}, {batch_size} | ERROR {type(exc).__name__}: {str(exc)[:150]} | | | | |")
     emit("")
 
 
