@@ -654,7 +654,7 @@ def measure_memory(results: list[Result], sizes: Sizes) -> None:
     """Run the ``--one`` child for ``results`` (one subprocess) and fill in the peaks."""
     by_key = {f"{r.kind}@{r.case}": r for r in results}
     cmd = [sys.executable, str(Path(__file__).resolve()), "--one", ",".join(by_key)]
-    cmd += sizes_argv(sizes)
+    cmd += sizes_argv(sizes) + ["--threads", str(torch.get_num_threads())]
     try:
         p = subprocess.run(cmd, capture_output=True, text=True, timeout=900)
     except subprocess.TimeoutExpired:
@@ -789,6 +789,19 @@ fit + one transform (output included) minus the RSS once the data is generated (
 mark reset there), in a fresh subprocess, over the input size (X + labels + pair ids)."""
 
 
+def set_threads(n: int) -> None:
+    """Limit torch's intra-op pool and the BLAS/OpenMP pools to ``n`` threads (0: leave)."""
+    if n <= 0:
+        return
+    torch.set_num_threads(n)
+    try:
+        from threadpoolctl import threadpool_limits
+
+        threadpool_limits(n)
+    except ImportError:
+        pass
+
+
 def sizes_argv(s: Sizes) -> list[str]:
     return [
         "--rows",
@@ -831,6 +844,13 @@ def parse_args(argv=None):
     p.add_argument("--no-memory", action="store_true", help="skip the peak-memory subprocesses")
     p.add_argument("--only", default="", help="run rows whose name contains this text")
     p.add_argument("--output", type=Path, help="also write the Markdown table to this file")
+    p.add_argument(
+        "--threads",
+        type=int,
+        default=0,
+        help="limit torch and BLAS to this many threads (ours, ceilings and loop alike; "
+        "1 gives ratios that are robust to load from other processes); 0: library default",
+    )
     p.add_argument("--one", help=argparse.SUPPRESS)
     return p.parse_args(argv)
 
@@ -859,6 +879,7 @@ def main(argv=None) -> int:
             args.rotate_layers,
         )
         args.repeat = min(args.repeat, 2)
+    set_threads(args.threads)
     if args.one:
         child_memory(args.one, sizes)
         return 0

@@ -9,7 +9,8 @@ Two moment objects feed every method:
   their pivot-language partners (rows sharing a ``pair_id``).  Enough for every
   orthogonal Procrustes map.
 
-Numerics.  Rows are processed in blocks of :data:`BLOCK_ROWS`.  Inside a block the
+Numerics.  Rows are processed in blocks (:data:`SUM_BLOCK` rows for the per-language
+sums, :data:`BLOCK_ROWS` for pair products).  Inside a block the
 work runs in the input precision (float32 stays float32, so segmented sums and GEMMs
 run at full speed); every block result is added into a float64 accumulator.  Each
 language's data are shifted by a fixed reference row (the first row seen of that
@@ -38,6 +39,10 @@ __all__ = ["BLOCK_ROWS", "LanguageMoments", "PairMoments", "row_blocks"]
 
 #: Rows per block for block-wise statistics and transforms.
 BLOCK_ROWS = 4096
+
+#: Rows per block of the segmented sums (a block of 2048 float32 rows of 768 stays in
+#: cache across the shift, the sums and the squares; 4096 was ~1.5x slower).
+SUM_BLOCK = 2048
 
 
 def row_blocks(n: int, block: int = BLOCK_ROWS) -> Iterator[slice]:
@@ -160,24 +165,44 @@ class LanguageMoments:
         gcodes = self._global_codes(T, labels, codes)
         L = len(self.labels)
         dev, cdt = T.device, compute_dtype(T.dtype)
+        n, d = T.shape
         g = torch.from_numpy(gcodes).to(dev)
         shift = torch.from_numpy(self.shift).to(dev, cdt)
         shared = bool((self.shift == self.shift[0]).all())  # one reference row for all
         shift0 = shift[0]
-        acc_s = torch.zeros((L, T.shape[1]), dtype=torch.float64, device=dev)
+        acc_s = torch.zeros((L, d), dtype=torch.float64, device=dev)
         acc_q = torch.zeros_like(acc_s) if self.second_moments else None
-        bs = torch.empty((L, T.shape[1]), dtype=cdt, device=dev)
+        bs = torch.empty((L, d), dtype=cdt, device=dev)
         raw_sums = acc_q is None and shared  # first moments only: no shift pass needed
-        for sl in row_blocks(T.shape[0]):
+        # blocks of SUM_BLOCK rows: the shifted block stays in cache between the
+        # subtraction, the two segmented sums and the squaring (4096-row blocks spilled)
+        step = min(SUM_BLOCK, n)
+        xbuf = torch.empty((step, d), dtype=cdt, device=dev)
+        if not shared:
+            gbuf = torch.empty((step, d), dtype=cdt, device=dev)
+        for sl in row_blocks(n, step):
             gb = g[sl]
+            src = T[sl]
+            xs = xbuf[: sl.stop - sl.start]
             # block partial sums in the input precision (float32 index_add_ runs at
             # memory speed; converting blocks to float64 made it ~13x slower), then
             # accumulated in float64 across blocks
             if raw_sums:
-                bs.zero_().index_add_(0, gb, T[sl].to(cdt))
+                if src.dtype != cdt or not src.is_contiguous():
+                    # index_add_ from a strided view (a layer of a stack) is ~5x slower
+                    # than copying the block first
+                    src = xs.copy_(src)
+                bs.zero_().index_add_(0, gb, src)
                 acc_s += bs
                 continue
-            xs = T[sl].to(cdt) - shift0 if shared else T[sl].to(cdt) - shift.index_select(0, gb)
+            if src.dtype != cdt:
+                src = src.to(cdt)
+            if shared:
+                torch.sub(src, shift0, out=xs)
+            else:
+                gs = gbuf[: xs.shape[0]]
+                torch.index_select(shift, 0, gb, out=gs)
+                torch.sub(src, gs, out=xs)
             bs.zero_().index_add_(0, gb, xs)
             acc_s += bs
             if acc_q is not None:
@@ -308,6 +333,85 @@ class _RowStore:
             self.rows, self.n = None, 0
 
 
+def _gather_rows(src: torch.Tensor, idx: np.ndarray, buf: torch.Tensor) -> torch.Tensor:
+    """Rows ``idx`` of ``src`` copied into the first ``len(idx)`` rows of ``buf``
+    (``buf``'s device and dtype; no temporary when they are ``src``'s)."""
+    out = buf[: len(idx)]
+    it = torch.from_numpy(np.ascontiguousarray(idx, dtype=np.int64)).to(src.device)
+    if src.device == buf.device and src.dtype == buf.dtype:
+        return torch.index_select(src, 0, it, out=out)
+    return out.copy_(src.index_select(0, it))
+
+
+class _IdCodes:
+    """Integer codes for pair ids (any hashable), given to ids of buffered rows only."""
+
+    def __init__(self) -> None:
+        self.index: dict[Hashable, int] = {}
+
+    def lookup(self, values: list) -> np.ndarray:
+        """Code of each value, -1 for values never registered."""
+        if not self.index:
+            return np.full(len(values), -1, dtype=np.int64)
+        get = self.index.get
+        return np.fromiter((get(v, -1) for v in values), dtype=np.int64, count=len(values))
+
+    def register(self, values: list) -> np.ndarray:
+        """New codes for ``values`` (distinct, not yet registered)."""
+        start = len(self.index)
+        self.index.update(zip(values, range(start, start + len(values)), strict=True))
+        return np.arange(start, start + len(values), dtype=np.int64)
+
+
+class _CodedRowStore:
+    """Rows kept on the host until their partner arrives, addressed by id code.
+
+    ``pos[code]`` is the row's position in the growing buffer ``rows`` (-1: none).
+    """
+
+    def __init__(self) -> None:
+        self.rows: torch.Tensor | None = None
+        self.n = 0
+        self.live = 0
+        self.pos = np.zeros(0, dtype=np.int64)
+
+    def position(self, codes: np.ndarray) -> np.ndarray:
+        """Buffer position of each code (-1 for none or a negative code)."""
+        out = np.full(codes.shape, -1, dtype=np.int64)
+        ok = (codes >= 0) & (codes < self.pos.size)
+        out[ok] = self.pos[codes[ok]]
+        return out
+
+    def add(self, T: torch.Tensor, rows: np.ndarray, codes: np.ndarray) -> None:
+        """Copy rows ``rows`` of ``T`` into the buffer under ``codes``."""
+        k, d = len(rows), T.shape[1]
+        if k == 0:
+            return
+        if self.rows is None:
+            self.rows = torch.empty((max(16, k), d), dtype=T.dtype)
+        need = self.n + k
+        if need > self.rows.shape[0]:
+            grown = torch.empty((max(need, 2 * self.rows.shape[0]), d), dtype=self.rows.dtype)
+            grown[: self.n] = self.rows[: self.n]
+            self.rows = grown
+        _gather_rows(T, rows, self.rows[self.n : need])
+        top = int(codes.max()) + 1
+        if top > self.pos.size:
+            grown_pos = np.full(max(top, 2 * self.pos.size), -1, dtype=np.int64)
+            grown_pos[: self.pos.size] = self.pos
+            self.pos = grown_pos
+        self.pos[codes] = np.arange(self.n, need)
+        self.n = need
+        self.live += k
+
+    def remove(self, codes: np.ndarray) -> None:
+        self.pos[codes] = -1
+        self.live -= len(codes)
+        if not self.live:  # everything consumed: release the memory
+            self.rows, self.n = None, 0
+            self.pos = np.zeros(0, dtype=np.int64)
+
+
 class PairMoments:
     """Cross-products between each language's rows and their pivot partners.
 
@@ -328,28 +432,48 @@ class PairMoments:
         self.S: dict[Hashable, np.ndarray] = {}
         self.sa: dict[Hashable, np.ndarray] = {}
         self.sb: dict[Hashable, np.ndarray] = {}
-        self._pivot_rows = _RowStore()
-        self._pending: dict[Hashable, _RowStore] = {}
+        # pair ids are matched as integer codes: a batch's ids are factorised once
+        # (np.unique), and only ids of buffered rows get a global code (_ids)
+        self._ids = _IdCodes()
+        self._pivot_rows = _CodedRowStore()
+        self._pending: dict[Hashable, _CodedRowStore] = {}
         self.released = False
 
     def n_pending(self) -> dict[Hashable, int]:
         """Rows still waiting for a pivot partner, per language."""
-        return {lab: len(st.pos) for lab, st in self._pending.items() if st.pos}
+        return {lab: st.live for lab, st in self._pending.items() if st.live}
 
-    def _accumulate(self, lab, A: torch.Tensor, B: torch.Tensor, shift_a, shift_b) -> None:
-        """Add pairs (rows of A with rows of B) to language ``lab``'s moments."""
-        dev = A.device
-        cdt = compute_dtype(A.dtype)
+    def _accumulate(
+        self,
+        lab,
+        dev: torch.device,
+        src_a: torch.Tensor,
+        idx_a: np.ndarray,
+        src_b: torch.Tensor,
+        idx_b: np.ndarray,
+        shift_a,
+        shift_b,
+    ) -> None:
+        """Add pairs (rows ``idx_a`` of ``src_a`` with rows ``idx_b`` of ``src_b``).
+
+        Rows are gathered block by block into two reusable buffers on ``dev`` (no
+        copy of all of a language's rows), shifted in place, and multiplied.
+        """
+        cdt = compute_dtype(src_a.dtype)
         ka = torch.from_numpy(shift_a).to(dev, cdt)
         kb = torch.from_numpy(shift_b).to(dev, cdt)
-        d = A.shape[1]
+        n, d = len(idx_a), src_a.shape[1]
+        step = max(1, min(BLOCK_ROWS, n))
+        abuf = torch.empty((step, d), dtype=cdt, device=dev)
+        bbuf = torch.empty((step, d), dtype=cdt, device=dev)
+        Sb = torch.empty((d, d), dtype=cdt, device=dev)
         S = torch.zeros((d, d), dtype=torch.float64, device=dev)
         sa = torch.zeros(d, dtype=torch.float64, device=dev)
         sb = torch.zeros(d, dtype=torch.float64, device=dev)
-        for sl in row_blocks(A.shape[0]):
-            a = A[sl].to(cdt) - ka
-            b = B[sl].to(device=dev, dtype=cdt) - kb
-            S += a.T @ b
+        for sl in row_blocks(n, step):
+            a = _gather_rows(src_a, idx_a[sl], abuf).sub_(ka)
+            b = _gather_rows(src_b, idx_b[sl], bbuf).sub_(kb)
+            S += torch.mm(a.T, b, out=Sb)
             # block sums in the block's precision (torch's float64-accumulating sum of
             # float32 is ~50x slower), added into float64 like the products
             sa += a.sum(0)
@@ -362,7 +486,7 @@ class PairMoments:
         self.S[lab] += S.cpu().numpy()
         self.sa[lab] += sa.cpu().numpy()
         self.sb[lab] += sb.cpu().numpy()
-        self.count[lab] += A.shape[0]
+        self.count[lab] += n
 
     def update(
         self,
@@ -384,8 +508,9 @@ class PairMoments:
             )
         lab_list = _labels_list(labels)
         pid_labels, pid_codes = np.unique(pair_ids, return_inverse=True)
-        pid_codes = pid_codes.reshape(-1)
-        key = codes.astype(np.int64) * len(pid_labels) + pid_codes
+        pid_codes = pid_codes.reshape(-1).astype(np.int64, copy=False)
+        codes = np.asarray(codes, dtype=np.int64)
+        key = codes * len(pid_labels) + pid_codes
         uniq, first, cnt = np.unique(key, return_index=True, return_counts=True)
         if (cnt > 1).any():
             bad = first[np.argmax(cnt > 1)]
@@ -394,54 +519,94 @@ class PairMoments:
                 f"{lab_list[codes[bad]]!r}; within one language each pair_id must be unique "
                 "(rows sharing a pair_id are translations in different languages)."
             )
-        pid_py = pair_ids.tolist()
+        id_values = pid_labels.tolist()
+        # global code of each of the batch's distinct ids (-1: never buffered)
+        gid = self._ids.lookup(id_values)
+        order = np.argsort(codes, kind="stable")
+        bounds = np.searchsorted(codes[order], np.arange(len(lab_list) + 1))
+        dev = T.device
         piv_code = lab_list.index(self.pivot) if self.pivot in lab_list else -1
         if piv_code >= 0:
-            prow = np.flatnonzero(codes == piv_code)
-            ids = [pid_py[i] for i in prow]
-            clash = [i for i in ids if i in self._pivot_rows.pos]
-            if clash:
+            prow = order[bounds[piv_code] : bounds[piv_code + 1]]
+            u = pid_codes[prow]
+            g = gid[u]
+            clash = self._pivot_rows.position(g) >= 0
+            if clash.any():
                 raise ValueError(
-                    f"pair_id {clash[0]!r} of pivot language {self.pivot!r} was already seen "
-                    "in an earlier batch; each pair_id must be unique within a language."
+                    f"pair_id {id_values[u[np.argmax(clash)]]!r} of pivot language "
+                    f"{self.pivot!r} was already seen in an earlier batch; each pair_id must "
+                    "be unique within a language."
                 )
-            self._pivot_rows.add(T[torch.from_numpy(prow).to(T.device)], ids)
+            g = self._register(gid, u, id_values)
+            self._pivot_rows.add(T, prow, g)
             # rows from earlier batches that were waiting for these pivot rows
             for lab, store in self._pending.items():
-                if not store.pos:
+                if not store.live:
                     continue
-                waiting = [i for i in ids if i in store.pos]
-                if waiting:
-                    A = store.take(store.lookup(waiting)).to(T.device)
-                    B = self._pivot_rows.take(self._pivot_rows.lookup(waiting))
+                ppos = store.position(g)
+                waiting = ppos >= 0
+                if waiting.any():
+                    gw = g[waiting]
                     i_l, i_p = shifts.index[lab], shifts.index[self.pivot]
-                    self._accumulate(lab, A, B, shifts.shift[i_l], shifts.shift[i_p])
-                    store.remove(waiting)
+                    self._accumulate(
+                        lab,
+                        dev,
+                        store.rows,
+                        ppos[waiting],
+                        self._pivot_rows.rows,
+                        self._pivot_rows.pos[gw],
+                        shifts.shift[i_l],
+                        shifts.shift[i_p],
+                    )
+                    store.remove(gw)
         for c, lab in enumerate(lab_list):
             if c == piv_code:
                 continue
-            rows = np.flatnonzero(codes == c)
+            rows = order[bounds[c] : bounds[c + 1]]
             if rows.size == 0:
                 continue
-            ids = [pid_py[i] for i in rows]
-            store = self._pending.setdefault(lab, _RowStore())
-            clash = [i for i in ids if i in store.pos]
-            if clash:
-                raise ValueError(
-                    f"pair_id {clash[0]!r} of language {lab!r} was already seen in an earlier "
-                    "batch; each pair_id must be unique within a language."
-                )
-            pos = self._pivot_rows.lookup(ids)
+            u = pid_codes[rows]
+            g = gid[u]
+            store = self._pending.get(lab)
+            if store is not None and store.live:
+                clash = store.position(g) >= 0
+                if clash.any():
+                    raise ValueError(
+                        f"pair_id {id_values[u[np.argmax(clash)]]!r} of language {lab!r} was "
+                        "already seen in an earlier batch; each pair_id must be unique within "
+                        "a language."
+                    )
+            pos = self._pivot_rows.position(g)
             hit = pos >= 0
             if hit.any():
-                A = T[torch.from_numpy(rows[hit]).to(T.device)]
-                B = self._pivot_rows.take(pos[hit])
                 i_l, i_p = shifts.index[lab], shifts.index[self.pivot]
-                self._accumulate(lab, A, B, shifts.shift[i_l], shifts.shift[i_p])
-            if (~hit).any():
-                miss = rows[~hit]
-                store.add(T[torch.from_numpy(miss).to(T.device)], [pid_py[i] for i in miss])
+                self._accumulate(
+                    lab,
+                    dev,
+                    T,
+                    rows[hit],
+                    self._pivot_rows.rows,
+                    pos[hit],
+                    shifts.shift[i_l],
+                    shifts.shift[i_p],
+                )
+            if not hit.all():
+                miss = ~hit
+                gm = self._register(gid, u[miss], id_values)
+                if store is None:
+                    store = self._pending[lab] = _CodedRowStore()
+                store.add(T, rows[miss], gm)
         return self
+
+    def _register(self, gid: np.ndarray, u: np.ndarray, id_values: list) -> np.ndarray:
+        """Global codes of the batch ids ``u``, assigning new ones (``gid`` updated)."""
+        g = gid[u]
+        new = g < 0
+        if new.any():
+            un = np.unique(u[new])
+            gid[un] = self._ids.register([id_values[j] for j in un.tolist()])
+            g = gid[u]
+        return g
 
     def add_moments(
         self, lab: Hashable, S: np.ndarray, sa: np.ndarray, sb: np.ndarray, n: int
@@ -458,11 +623,12 @@ class PairMoments:
 
     def has_buffers(self) -> bool:
         """Whether rows are buffered for matching with later batches."""
-        return self._pivot_rows.n > 0 or any(st.pos for st in self._pending.values())
+        return self._pivot_rows.live > 0 or any(st.live for st in self._pending.values())
 
     def release(self) -> None:
         """Drop the row buffers (no further batches will be matched)."""
-        self._pivot_rows = _RowStore()
+        self._ids = _IdCodes()
+        self._pivot_rows = _CodedRowStore()
         self._pending = {}
         self.released = True
 

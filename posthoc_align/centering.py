@@ -10,7 +10,7 @@ from sklearn.base import _fit_context
 from sklearn.utils._param_validation import StrOptions
 from sklearn.utils.validation import check_is_fitted
 
-from ._apply import affine_by_language
+from ._apply import affine_by_language, deliver, usable_out
 from ._backend import DEVICE_CONSTRAINT
 from ._base import LanguageTransformerMixin, unknown_policy_message
 from ._dask import is_dask, transform_dask
@@ -136,6 +136,11 @@ class LanguageMeanCentering(LanguageTransformerMixin):
         check_is_fitted(self)
         if is_dask(X):
             return transform_dask(self, X, languages)
+        return self._transform(X, languages)
+
+    def _transform(self, X, languages=None, out=None):
+        """:meth:`transform`; with ``out`` (a tensor, e.g. a layer of a stack) the
+        result is written there and ``out`` is returned."""
         nx, Xc, dev = self._validate(X, reset=False)
         labels, codes = check_languages(languages, Xc.shape[0])
         policy = self.unknown_language
@@ -148,8 +153,8 @@ class LanguageMeanCentering(LanguageTransformerMixin):
             for k, (lab_code, _) in enumerate(extra):
                 gcodes[codes == lab_code] = len(self.means_) + k
             shift = np.vstack([self.means_] + [mean[None] for _, mean in extra])
-        out = affine_by_language(T, gcodes, shift=shift)
-        return nx.from_torch(out, like=Xc)
+        res = affine_by_language(T, gcodes, shift=shift, out=usable_out(out, T))
+        return deliver(nx, res, Xc, out)
 
     def _unknown_message(self, unknown):
         return unknown_policy_message(self, unknown)

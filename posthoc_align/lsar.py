@@ -13,7 +13,7 @@ from sklearn.utils import metadata_routing
 from sklearn.utils._param_validation import Interval
 from sklearn.utils.validation import check_is_fitted
 
-from ._apply import project_out
+from ._apply import deliver, project_out, usable_out
 from ._backend import DEVICE_CONSTRAINT
 from ._base import LanguageTransformerMixin
 from ._dask import is_dask, transform_dask
@@ -189,9 +189,14 @@ class LSAR(LanguageTransformerMixin):
         check_is_fitted(self)
         if is_dask(X):
             return transform_dask(self, X, None)
+        return self._transform(X)
+
+    def _transform(self, X, languages=None, out=None):
+        """:meth:`transform`; with ``out`` (a tensor) the result is written there."""
         nx, Xc, dev = self._validate(X, reset=False)
-        out = project_out(nx.to_torch(Xc, dev), self.components_)
-        return nx.from_torch(out, like=Xc)
+        T = nx.to_torch(Xc, dev)
+        res = project_out(T, self.components_, out=usable_out(out, T))
+        return deliver(nx, res, Xc, out)
 
     def fit_transform(self, X, y=None, languages=None):
         """Fit on ``X`` with ``languages``, then remove the subspace from ``X``."""

@@ -10,14 +10,30 @@ import numpy as np
 import torch
 from sklearn.base import BaseEstimator, TransformerMixin, clone
 from sklearn.utils._param_validation import HasMethods
+from sklearn.utils._set_output import _get_output_config
 from sklearn.utils.validation import check_is_fitted
 
+from ._apply import _empty_like
 from ._backend import DEVICE_CONSTRAINT
 from ._dask import is_dask
 from ._validation import check_X
 from .procrustes import ProcrustesAligner
 
 __all__ = ["PerLayer", "RotateAlign"]
+
+
+def _writes_into(est) -> bool:
+    """Whether ``est`` can write its transform into a slice of the output stack: a
+    posthoc_align estimator (``_transform(X, languages, out=)``) with the default
+    output container (``set_output`` not configured)."""
+    from .centering import LanguageMeanCentering
+    from .lsar import LSAR
+    from .standardization import LanguageStandardizer
+
+    # exact types: a subclass may override transform without _transform
+    if type(est) not in (LanguageMeanCentering, LanguageStandardizer, ProcrustesAligner, LSAR):
+        return False
+    return _get_output_config("transform", est)["dense"] == "default"
 
 
 def _accepted(method, **kwargs) -> dict:
@@ -180,14 +196,27 @@ class PerLayer(TransformerMixin, BaseEstimator, auto_wrap_output_keys=None):
                 ],
                 axis=1,
             )
+        # one output buffer: the passed-through layers are copied into it and every
+        # fitted layer's kernel writes straight into its slice (no copy of the stack)
         if nx.name == "torch":
-            out = X.clone() if X.dtype in (torch.float32, torch.float64) else X.double()
+            T = X if X.dtype in (torch.float32, torch.float64) else X.double()
+            out = _empty_like(T, T.dtype)
+            out_t = out
         else:
-            out = np.array(X, dtype=X.dtype if X.dtype in (np.float32, np.float64) else float)
+            # check_X gave float32/float64; a read-only array is copied, never written
+            T = nx.to_torch(X)
+            out = np.empty(X.shape, dtype=np.float32 if T.dtype == torch.float32 else np.float64)
+            out_t = torch.from_numpy(out)
+        fitted = set(self.layers_)
+        for j in range(X.shape[1]):
+            if j not in fitted:
+                out_t[:, j, :].copy_(T[:, j, :])
         for i, est in zip(self.layers_, self.estimators_, strict=True):
-            out[:, i, :] = est.transform(
-                X[:, i, :], **_accepted(est.transform, languages=languages)
-            )
+            kwargs = _accepted(est.transform, languages=languages)
+            if _writes_into(est):
+                est._transform(X[:, i, :], out=out_t[:, i, :], **kwargs)
+            else:
+                out[:, i, :] = est.transform(X[:, i, :], **kwargs)
         return out
 
     def fit_transform(self, X, y=None, languages=None, pair_ids=None):

@@ -11,7 +11,7 @@ from sklearn.base import _fit_context
 from sklearn.utils._param_validation import Interval, StrOptions
 from sklearn.utils.validation import check_is_fitted
 
-from ._apply import affine_by_language
+from ._apply import affine_by_language, deliver, usable_out
 from ._backend import DEVICE_CONSTRAINT
 from ._base import LanguageTransformerMixin
 from ._dask import is_dask, transform_dask
@@ -169,6 +169,10 @@ class LanguageStandardizer(LanguageTransformerMixin):
         check_is_fitted(self)
         if is_dask(X):
             return transform_dask(self, X, languages)
+        return self._transform(X, languages)
+
+    def _transform(self, X, languages=None, out=None):
+        """:meth:`transform`; with ``out`` (a tensor) the result is written there."""
         nx, Xc, dev = self._validate(X, reset=False)
         labels, codes = check_languages(languages, Xc.shape[0])
         T = nx.to_torch(Xc, dev)
@@ -182,8 +186,8 @@ class LanguageStandardizer(LanguageTransformerMixin):
             means, var = self.means_, self.vars_
         shift = means if self.with_mean else None
         scale = 1.0 / _scale(var, self.eps) if self.with_std else None
-        out = affine_by_language(T, gcodes, shift=shift, scale=scale)
-        return nx.from_torch(out, like=Xc)
+        res = affine_by_language(T, gcodes, shift=shift, scale=scale, out=usable_out(out, T))
+        return deliver(nx, res, Xc, out)
 
     def _unknown_message(self, unknown):
         return (

@@ -209,3 +209,56 @@ def test_nan_batch_leaves_moments_untouched(rng):
     ref = LanguageMeanCentering().fit(X, languages=["a"] * 10 + ["b"] * 10)
     np.testing.assert_allclose(est.means_, ref.means_, atol=1e-12)
     np.testing.assert_array_equal(est.counts_, [10, 10])
+
+
+def test_out_kernels_write_into_views(rng):
+    """affine_by_language / project_out with out= (a strided layer view) and rotations."""
+    from posthoc_align._apply import affine_by_language, project_out
+
+    n, d, L = 3000, 6, 4  # more rows than one kernel block
+    T = torch.from_numpy(rng.normal(size=(n, d)))
+    g = rng.integers(0, L, n)
+    shift, scale = rng.normal(size=(L, d)), rng.uniform(0.5, 2, size=(L, d))
+    R = {1: np.linalg.qr(rng.normal(size=(d, d)))[0], 3: np.eye(d)[::-1].copy()}
+    off = rng.normal(size=d)
+    Xn = T.numpy()
+    ref = (Xn - shift[g]) * scale[g]
+    for k, Rk in R.items():
+        ref[g == k] = ref[g == k] @ Rk
+    ref += off
+    stack = torch.zeros((n, 3, d), dtype=torch.float64)
+    got = affine_by_language(
+        T, g, shift=shift, scale=scale, rotations=R, offset=off, out=stack[:, 1, :]
+    )
+    assert got.data_ptr() == stack[:, 1, :].data_ptr()
+    np.testing.assert_allclose(stack[:, 1].numpy(), ref, atol=1e-12)
+    assert not stack[:, 0].any() and not stack[:, 2].any()
+    np.testing.assert_allclose(
+        affine_by_language(T, g, shift=shift, scale=scale).numpy(),
+        (Xn - shift[g]) * scale[g],
+        atol=1e-12,
+    )
+    B = np.linalg.qr(rng.normal(size=(d, 2)))[0].T
+    c = rng.normal(size=d)
+    project_out(T, B, center=c, out=stack[:, 2, :])
+    np.testing.assert_allclose(stack[:, 2].numpy(), Xn - ((Xn - c) @ B.T) @ B, atol=1e-12)
+    with pytest.raises(ValueError, match="out has shape"):
+        affine_by_language(T, g, shift=shift, out=torch.empty((n, d), dtype=torch.float32))
+    bad = T.clone()
+    bad[2500, 3] = np.nan
+    with pytest.raises(ValueError, match="first at row 2500"):
+        affine_by_language(bad, g, shift=shift, rotations=R)
+
+
+def test_standardizer_strided_and_many_languages(rng):
+    """Segmented sums from a strided view (a layer of a stack) and > block rows."""
+    X3 = rng.normal(size=(5000, 3, 4)) * 10 + 100
+    L = rng.integers(0, 37, 5000).astype(str)
+    for layer in range(3):
+        Xl = X3[:, layer]
+        est = LanguageStandardizer().fit(Xl, languages=L)
+        ref = LanguageStandardizer().fit(np.ascontiguousarray(Xl), languages=L)
+        np.testing.assert_allclose(est.vars_, ref.vars_, rtol=1e-12)
+        for i, lab in enumerate(est.languages_):
+            np.testing.assert_allclose(est.means_[i], Xl[L == lab].mean(0), rtol=1e-12)
+            np.testing.assert_allclose(est.vars_[i], Xl[L == lab].var(0), rtol=1e-9)

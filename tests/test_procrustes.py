@@ -196,3 +196,79 @@ def test_per_layer_partial_fit(rng):
     out = full.transform(T, languages=L)
     assert isinstance(out, torch.Tensor)
     np.testing.assert_allclose(out.numpy(), full.transform(X, languages=L), atol=1e-12)
+
+
+def test_pair_matching_across_batches_mixed_order(rng):
+    """Vectorised pair-id matching: string ids, partners in any batch, unpaired extras."""
+    X, L, P, _ = planted(rng, n=60, d=4, noise=0.3)
+    P = np.array([f"s{p}" for p in P])
+    ref = ProcrustesAligner().fit(X, languages=L, pair_ids=P)
+    perm = rng.permutation(len(X))
+    X, L, P = X[perm], L[perm], P[perm]
+    extra = rng.normal(size=(5, 4))
+    inc = ProcrustesAligner()
+    # non-pivot rows first (they wait), then the pivot rows and extras without partners
+    first = np.flatnonzero(L != "en")[:70]
+    rest = np.setdiff1d(np.arange(len(X)), first)
+    inc.partial_fit(X[first], languages=L[first], pair_ids=P[first])
+    assert sum(inc._pairs.n_pending().values()) == 70
+    for chunk in np.array_split(rest, 3):
+        inc.partial_fit(X[chunk], languages=L[chunk], pair_ids=P[chunk])
+    inc.partial_fit(extra, languages=["fr"] * 5, pair_ids=[f"w{i}" for i in range(5)])
+    assert inc._pairs.n_pending() == {"fr": 5}
+    np.testing.assert_allclose(inc.rotations_[1:], ref.rotations_[1:], atol=1e-9)
+    assert inc.n_pairs_ == ref.n_pairs_ == {"de": 60, "fr": 60}
+
+
+def test_pair_ids_duplicates_across_batches(rng):
+    X, L, P, _ = planted(rng, n=20, d=3)
+    est = ProcrustesAligner().partial_fit(X, languages=L, pair_ids=P)
+    with pytest.raises(ValueError, match="of pivot language 'en' was already seen"):
+        est.partial_fit(X[:3], languages=L[:3], pair_ids=P[:3])
+    # a non-pivot row still waiting for its partner cannot be sent twice
+    est = ProcrustesAligner().partial_fit(X[20:22], languages=L[20:22], pair_ids=P[20:22])
+    with pytest.raises(ValueError, match="of language 'fr' was already seen"):
+        est.partial_fit(X[20:21], languages=L[20:21], pair_ids=P[20:21])
+    assert est._pairs.n_pending() == {"fr": 2}
+
+
+def test_pair_matching_float64_then_float32_batches(rng):
+    """Buffered rows keep the first batch's dtype; later batches are converted."""
+    X, L, P, _ = planted(rng, n=40, d=4, noise=0.2)
+    ref = ProcrustesAligner().fit(X, languages=L, pair_ids=P)
+    inc = ProcrustesAligner()
+    piv = L == "en"
+    inc.partial_fit(X[~piv], languages=L[~piv], pair_ids=P[~piv])
+    inc.partial_fit(
+        torch.from_numpy(X[piv].astype(np.float32)).numpy(), languages=L[piv], pair_ids=P[piv]
+    )
+    np.testing.assert_allclose(inc.rotations_, ref.rotations_, atol=1e-5)
+
+
+@pytest.mark.parametrize("as_torch", [False, True])
+def test_per_layer_writes_into_one_output(rng, as_torch):
+    """PerLayer's in-place path equals each estimator's own transform, for every kind."""
+    from posthoc_align import LSAR, LanguageMeanCentering, LanguageStandardizer
+
+    n, layers, d = 60, 4, 5
+    X = rng.normal(size=(n, layers, d)).astype(np.float32) + 3.0
+    L = np.repeat(["en", "fr", "de"], n // 3)
+    P = np.tile(np.arange(n // 3), 3)
+    Xin = torch.from_numpy(X) if as_torch else X
+    for est in (
+        PerLayer(LanguageMeanCentering(), layers=[0, 2]),
+        PerLayer(LanguageStandardizer(), layers=[1]),
+        PerLayer(LSAR(), layers="all"),
+        RotateAlign(layers=(-1, 1)),
+    ):
+        est.fit(Xin, languages=L, pair_ids=P)
+        Z = est.transform(Xin, languages=L)
+        assert type(Z) is type(Xin) and Z.dtype == Xin.dtype
+        Zn = Z.numpy() if as_torch else Z
+        for j in range(layers):
+            if j not in est.layers_:
+                np.testing.assert_array_equal(Zn[:, j], X[:, j])
+        for i, e in zip(est.layers_, est.estimators_, strict=True):
+            kw = {} if isinstance(e, LSAR) else {"languages": L}
+            np.testing.assert_allclose(Zn[:, i], e.transform(X[:, i], **kw), atol=1e-5)
+    np.testing.assert_array_equal(Xin if not as_torch else Xin.numpy(), X)  # not mutated
