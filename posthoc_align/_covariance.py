@@ -70,7 +70,7 @@ class ScatterMoments:
     """
 
     def __init__(self) -> None:
-        self.moments = LanguageMoments()
+        self.moments = LanguageMoments(compensated=True)
         self.scatter: np.ndarray | None = None
 
     # -- streaming ------------------------------------------------------------
@@ -105,7 +105,14 @@ class ScatterMoments:
             acc = torch.zeros((d, d), dtype=torch.float64, device=dev)
             for sl in row_blocks(hi - lo):
                 rows = T.index_select(0, perm[lo + sl.start : lo + sl.stop]).to(cdt) - shift
+                # compensated: the GEMM runs on rows re-centred on their block mean m,
+                # and Σyyᵀ = Σ(y−m)(y−m)ᵀ + m rᵀ + r mᵀ + n m mᵀ (r = Σ(y−m)) in float64
+                mb = rows.mean(0)
+                rows -= mb
+                m64, r64 = mb.to(torch.float64), rows.sum(0).to(torch.float64)
+                cross = torch.outer(m64, r64)
                 acc += rows.T @ rows
+                acc += cross + cross.T + rows.shape[0] * torch.outer(m64, m64)
             self.scatter[g] += acc.cpu().numpy()
         return self
 
@@ -117,7 +124,7 @@ class ScatterMoments:
         correction terms vanish), which is how block-wise (dask) scatters combine.
         """
         s = cls()
-        s.moments = LanguageMoments.with_shifts(labels, shift)
+        s.moments = LanguageMoments.with_shifts(labels, shift, compensated=True)
         d = s.moments.shift.shape[1]
         s.scatter = np.zeros((len(s.moments.labels), d, d))
         return s

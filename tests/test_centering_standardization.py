@@ -262,3 +262,26 @@ def test_standardizer_strided_and_many_languages(rng):
         for i, lab in enumerate(est.languages_):
             np.testing.assert_allclose(est.means_[i], Xl[L == lab].mean(0), rtol=1e-12)
             np.testing.assert_allclose(est.vars_[i], Xl[L == lab].var(0), rtol=1e-9)
+
+
+@pytest.mark.parametrize("offset", [0.0, 50.0])
+def test_float32_statistics_are_compensated(offset):
+    """float32 input: variances and means close to a float64 fit of the same numbers,
+    even when the language means are far from the shared reference row (cancellation)."""
+    from posthoc_align._covariance import ScatterMoments
+
+    rng = np.random.default_rng(7)
+    langs = np.repeat(["a", "b", "c"], [3000, 5000, 4100])
+    shifts = {lab: rng.normal(scale=offset, size=24) for lab in "abc"}
+    X = np.stack([shifts[lab] for lab in langs]) + rng.standard_normal((langs.size, 24))
+    X32 = X.astype(np.float32)
+    X64 = X32.astype(np.float64)
+    a = LanguageStandardizer(device="cpu").fit(X32, languages=langs)
+    b = LanguageStandardizer(device="cpu").fit(X64, languages=langs)
+    assert np.abs(a.vars_ / b.vars_ - 1).max() < 1e-5
+    assert np.abs(a.means_ - b.means_).max() < 1e-6 * max(1.0, offset)
+    codes = np.unique(langs, return_inverse=True)[1]
+    s32 = ScatterMoments().update(torch.from_numpy(X32), np.array(list("abc")), codes)
+    s64 = ScatterMoments().update(torch.from_numpy(X64), np.array(list("abc")), codes)
+    w32, w64 = s32.within(), s64.within()
+    assert np.abs(w32 - w64).max() < 1e-5 * np.abs(w64).max()
