@@ -19,6 +19,7 @@ from __future__ import annotations
 import numpy as np
 import torch
 
+from ._backend import block_rows
 from ._stats import row_blocks
 from ._validation import raise_non_finite
 
@@ -156,7 +157,7 @@ def _elementwise(T, g, sh, sc, off, out, check) -> None:
     """``(x - sh[g]) * sc[g] + off`` in cache-sized blocks, statistics gathered once."""
     n, d = T.shape
     cdt = out.dtype
-    step = max(1, min(ELEMENTWISE_BLOCK, n))
+    step = max(1, min(block_rows(ELEMENTWISE_BLOCK, T.device), n))
     gbuf = (
         torch.empty((step, d), dtype=cdt, device=T.device)
         if (sh is not None or sc is not None)
@@ -187,7 +188,7 @@ def _by_language(T, gcodes, sh, sc, rot, off, out, check) -> None:
     langs, starts = np.unique(gcodes[order], return_index=True)
     bounds = [*starts.tolist(), n]
     order_t = torch.from_numpy(order).to(dev)
-    step = max(1, min(MATMUL_BLOCK, n))
+    step = max(1, min(block_rows(MATMUL_BLOCK, dev), n))
     xbuf = torch.empty((step, d), dtype=cdt, device=dev)
     ybuf = torch.empty((step, d), dtype=cdt, device=dev) if rot else None
     for k, lang in enumerate(langs.tolist()):
@@ -236,7 +237,7 @@ def project_out(
     check = _FiniteCheck(dev)
     # rank-k products are memory-bound: cache-sized blocks (1024 rows measured ~1.2x
     # faster than 4096 with k = 7 and k = 99)
-    step = max(1, min(ELEMENTWISE_BLOCK, n))
+    step = max(1, min(block_rows(ELEMENTWISE_BLOCK, dev), n))
     cbuf = torch.empty((step, k), dtype=cdt, device=dev)
     xbuf = torch.empty((step, d), dtype=cdt, device=dev) if c is not None else None
     for sl in row_blocks(n, step):

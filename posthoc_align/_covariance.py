@@ -24,8 +24,8 @@ from typing import Any
 import numpy as np
 import torch
 
-from ._backend import compute_dtype
-from ._stats import LanguageMoments, _labels_list, row_blocks
+from ._backend import block_rows, compute_dtype
+from ._stats import BLOCK_ROWS, LanguageMoments, _labels_list, row_blocks
 from ._validation import raise_non_finite
 
 __all__ = ["ScatterMoments", "check_finite_rows"]
@@ -103,7 +103,7 @@ class ScatterMoments:
                 continue
             shift = torch.from_numpy(m.shift[g]).to(dev, cdt)
             acc = torch.zeros((d, d), dtype=torch.float64, device=dev)
-            for sl in row_blocks(hi - lo):
+            for sl in row_blocks(hi - lo, block_rows(BLOCK_ROWS, dev)):
                 rows = T.index_select(0, perm[lo + sl.start : lo + sl.stop]).to(cdt) - shift
                 # compensated: the GEMM runs on rows re-centred on their block mean m,
                 # and Σyyᵀ = Σ(y−m)(y−m)ᵀ + m rᵀ + r mᵀ + n m mᵀ (r = Σ(y−m)) in float64

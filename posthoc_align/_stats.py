@@ -36,7 +36,7 @@ from typing import Any
 import numpy as np
 import torch
 
-from ._backend import compute_dtype
+from ._backend import block_rows, compute_dtype
 from ._validation import raise_non_finite
 
 __all__ = ["BLOCK_ROWS", "LanguageMoments", "PairMoments", "row_blocks"]
@@ -186,7 +186,7 @@ class LanguageMoments:
         raw_sums = not comp and shared  # plain first moments: no shift pass needed
         # blocks of SUM_BLOCK rows: the shifted block stays in cache between the
         # subtraction, the two segmented sums and the squaring (4096-row blocks spilled)
-        step = min(SUM_BLOCK, n)
+        step = min(block_rows(SUM_BLOCK, dev), n)
         xbuf = torch.empty((step, d), dtype=cdt, device=dev)
         if not shared or comp:
             gbuf = torch.empty((step, d), dtype=cdt, device=dev)
@@ -504,7 +504,7 @@ class PairMoments:
         ka = torch.from_numpy(shift_a).to(dev, cdt)
         kb = torch.from_numpy(shift_b).to(dev, cdt)
         n, d = len(idx_a), src_a.shape[1]
-        step = max(1, min(BLOCK_ROWS, n))
+        step = max(1, min(block_rows(BLOCK_ROWS, dev), n))
         abuf = torch.empty((step, d), dtype=cdt, device=dev)
         bbuf = torch.empty((step, d), dtype=cdt, device=dev)
         Sb = torch.empty((d, d), dtype=cdt, device=dev)
@@ -514,11 +514,21 @@ class PairMoments:
         for sl in row_blocks(n, step):
             a = _gather_rows(src_a, idx_a[sl], abuf).sub_(ka)
             b = _gather_rows(src_b, idx_b[sl], bbuf).sub_(kb)
-            S += torch.mm(a.T, b, out=Sb)
+            # compensated float32 (as in LanguageMoments): the GEMM runs on the block
+            # re-centred on its means ma, mb, and in float64
+            #   Σabᵀ = Σ(a−ma)(b−mb)ᵀ + ma rbᵀ + ra mbᵀ + n ma mbᵀ   (r = Σ(·−m))
             # block sums in the block's precision (torch's float64-accumulating sum of
-            # float32 is ~50x slower), added into float64 like the products
-            sa += a.sum(0)
-            sb += b.sum(0)
+            # float32 is ~50x slower)
+            ma, mb = a.mean(0), b.mean(0)
+            a.sub_(ma)
+            b.sub_(mb)
+            ma64, mb64 = ma.to(torch.float64), mb.to(torch.float64)
+            ra, rb = a.sum(0).to(torch.float64), b.sum(0).to(torch.float64)
+            m = a.shape[0]
+            S += torch.mm(a.T, b, out=Sb)
+            S += torch.outer(ma64, rb) + torch.outer(ra, mb64) + m * torch.outer(ma64, mb64)
+            sa += m * ma64 + ra
+            sb += m * mb64 + rb
         if lab not in self.S:
             self.S[lab] = np.zeros((d, d))
             self.sa[lab] = np.zeros(d)
