@@ -18,6 +18,7 @@ from ._backend import DEVICE_CONSTRAINT
 from ._base import LanguageTransformerMixin, languages_array
 from ._covariance import ScatterMoments
 from ._dask import is_dask, transform_dask
+from ._linalg import flip_signs
 from ._stats import _labels_list, row_blocks
 from ._validation import check_languages, raise_non_finite
 from .lsar import language_subspace
@@ -27,16 +28,6 @@ __all__ = ["LanguageAxes"]
 #: Ridge added to the within-language scatter before the generalised eigenproblem,
 #: relative to its mean eigenvalue ``trace(S_w) / d``.
 LDA_RIDGE = 1e-6
-
-
-def _flip_signs(axes: np.ndarray) -> np.ndarray:
-    """Make the largest-magnitude entry of every row positive (deterministic signs)."""
-    if axes.size == 0:
-        return axes
-    big = np.argmax(np.abs(axes), axis=1)
-    signs = np.sign(axes[np.arange(axes.shape[0]), big])
-    signs[signs == 0] = 1.0
-    return axes * signs[:, None]
 
 
 class LanguageAxes(LanguageTransformerMixin):
@@ -301,7 +292,7 @@ class LanguageAxes(LanguageTransformerMixin):
                 Sb, Sw + ridge * np.eye(d), subset_by_index=[d - k_max, d - 1]
             )
             axes = evecs[:, ::-1].T
-            axes = _flip_signs(axes / np.linalg.norm(axes, axis=1, keepdims=True))
+            axes = flip_signs(axes / np.linalg.norm(axes, axis=1, keepdims=True))
             self.sensitive_axes_ = np.ascontiguousarray(axes)
             self.sensitive_scores_ = np.ascontiguousarray(np.maximum(evals[::-1], 0.0))
         else:
@@ -338,7 +329,7 @@ class LanguageAxes(LanguageTransformerMixin):
         safe = torch.where(zero, torch.ones_like(lam), lam)
         score = torch.where(zero, torch.full_like(lam, np.inf), between / safe + spread / safe**2)
         rank = np.argsort(score.cpu().numpy(), kind="stable")
-        self.neutral_axes_ = _flip_signs(np.ascontiguousarray(V.cpu().numpy()[:, rank].T))
+        self.neutral_axes_ = flip_signs(np.ascontiguousarray(V.cpu().numpy()[:, rank].T))
         self.neutral_scores_ = score.cpu().numpy()[rank]
 
         # -- what transform uses --------------------------------------------------
@@ -351,7 +342,7 @@ class LanguageAxes(LanguageTransformerMixin):
         else:
             A = torch.from_numpy(self.sensitive_axes_[: self.n_sensitive_].T.copy()).to(dev)
             Q, _ = torch.linalg.qr(A)
-            self.components_ = np.ascontiguousarray(Q.T.cpu().numpy())
+            self.components_ = np.ascontiguousarray(flip_signs(Q.T.cpu().numpy()))
 
     def transform(self, X):
         """Remove the sensitive axes, or return the coordinates on the neutral axes.

@@ -17,6 +17,7 @@ from ._apply import deliver, project_out, usable_out
 from ._backend import DEVICE_CONSTRAINT
 from ._base import LanguageTransformerMixin
 from ._dask import is_dask, transform_dask
+from ._linalg import flip_signs
 
 __all__ = ["LSAR", "language_subspace"]
 
@@ -25,11 +26,13 @@ def language_subspace(means: np.ndarray, device: Any = "cpu") -> tuple[np.ndarra
     """Right singular vectors and singular values of the centred language means.
 
     ``M`` (L×d) holds one language mean per row and ``μ`` is the mean of its rows;
-    returns ``(Vᵀ, s)`` from the SVD ``M − μ = U diag(s) Vᵀ`` (float64, torch).
+    returns ``(Vᵀ, s)`` from the SVD ``M − μ = U diag(s) Vᵀ`` (float64, torch), each
+    row of ``Vᵀ`` signed so that its largest-magnitude entry is positive (the same
+    components on every device and data path).
     """
     M = torch.from_numpy(np.ascontiguousarray(means, dtype=np.float64)).to(device)
     _, s, Vh = torch.linalg.svd(M - M.mean(0, keepdim=True), full_matrices=False)
-    return Vh.cpu().numpy(), s.cpu().numpy()
+    return flip_signs(Vh.cpu().numpy()), s.cpu().numpy()
 
 
 class LSAR(LanguageTransformerMixin):

@@ -94,3 +94,16 @@ def test_transform_needs_no_languages_and_keeps_dtype(rng, multilingual):
     assert out.dtype == np.float32
     with pytest.raises(ValueError, match="NaN or infinity"):
         est.transform(np.full((2, X.shape[1]), np.nan))
+
+
+def test_components_have_deterministic_signs():
+    """Singular vectors are signed by their largest entry: the same on every device/path."""
+    rng = np.random.default_rng(3)
+    X = rng.standard_normal((300, 6)) + np.repeat(rng.normal(scale=3, size=(3, 6)), 100, axis=0)
+    L = np.repeat(["a", "b", "c"], 100)
+    C = LSAR().fit(X, languages=L).components_
+    big = np.abs(C).argmax(1)
+    assert (C[np.arange(len(C)), big] > 0).all()
+    C2 = LSAR().fit(-X, languages=L).components_  # negated data: SVD signs may flip
+    np.testing.assert_allclose(np.abs(C2), np.abs(C), atol=1e-10)
+    assert (C2[np.arange(len(C2)), np.abs(C2).argmax(1)] > 0).all()
