@@ -176,7 +176,8 @@ def test_shapes_dtype_and_attributes(encoder):
     X = encoder.encode(TEXTS)
     assert X.shape == (len(TEXTS), N_LAYERS + 1, HIDDEN) and X.dtype == np.float32
     assert encoder.n_layers == N_LAYERS and encoder.hidden_size == HIDDEN
-    assert encoder.device == torch.device("cpu") and not encoder.model.training
+    expected = "cuda" if torch.cuda.is_available() else "cpu"  # device="auto"
+    assert encoder.device.type == expected and not encoder.model.training
     assert isinstance(encoder.model_id, str) and encoder.model_id
 
 
@@ -197,9 +198,9 @@ def test_layer_selection_matches_all(encoder):
 def test_layer_zero_is_embedding_output(bert):
     model, tok = bert
     enc = HFEncoder(model, tok, pooling="cls")
-    ids = tok(["le chat"], return_tensors="pt")
+    ids = tok(["le chat"], return_tensors="pt")["input_ids"].to(enc.device)
     with torch.no_grad():
-        expected = model.embeddings(input_ids=ids["input_ids"])[0, 0]
+        expected = model.embeddings(input_ids=ids)[0, 0].cpu()
     np.testing.assert_allclose(enc.encode(["le chat"], layers=0)[0, 0], expected.numpy(), atol=1e-6)
 
 
@@ -350,10 +351,10 @@ def test_bfloat16_on_a_cpu_without_it_warns(bert, monkeypatch):
     model, tok = bert
     monkeypatch.setattr(hf, "_cpu_bf16", lambda: False)
     with pytest.warns(UserWarning, match="slower"):
-        HFEncoder(model, tok, dtype="bfloat16")
+        HFEncoder(model, tok, dtype="bfloat16", device="cpu")
     with warnings.catch_warnings():
         warnings.simplefilter("error")
-        HFEncoder(model, tok)  # float32: no warning
+        HFEncoder(model, tok, device="cpu")  # float32: no warning
 
 
 def test_loads_from_a_local_path(tmp_path, bert):

@@ -468,7 +468,7 @@ def load_bible(
     Examples
     --------
     >>> from posthoc_align.datasets import load_bible
-    >>> bible = load_bible(("en", "fr"), testament="new", n_verses=100, random_state=0)
+    >>> bible = load_bible(("en", "fr"), testament="new", n_verses=100, random_state=0)  # doctest: +SKIP
     >>> len(bible.data), bible.languages[0], bible.languages[-1]  # doctest: +SKIP
     (200, 'en', 'fr')
     >>> bible.target_names[bible.target[0]] in bible.target_names  # doctest: +SKIP
