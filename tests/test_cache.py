@@ -587,3 +587,48 @@ def test_build_peak_memory_is_about_one_chunk(tmp_path):
     chunk_bytes = chunk * (n_layers + 1) * dim * 4  # 3.4 MB; the whole store is 66.6 MB
     assert cache.n_rows == n
     assert peak < 5 * chunk_bytes, f"peak {peak / 1e6:.1f} MB for {chunk_bytes / 1e6:.1f} MB chunks"
+
+
+def test_build_peak_memory_does_not_grow_with_the_corpus(tmp_path):
+    # Same chunk, 4x the rows: the traced peak (numpy and Python allocations) may grow only by the
+    # per-row inputs (text list, languages, pair ids: ~30 B a row), never by chunks of states.
+    n_layers, dim, chunk = 12, 64, 128
+    chunk_bytes = chunk * (n_layers + 1) * dim * 4  # 426 kB
+
+    class RandomEncoder:
+        model_id, pooling, prefix, max_length = "random", "mean", None, 16
+        hidden_size = dim
+
+        def __init__(self) -> None:
+            self.n_layers = n_layers
+            self.rng = np.random.default_rng(0)
+
+        def encode(self, texts, pooling=None, layers="all"):
+            return self.rng.standard_normal((len(texts), n_layers + 1, dim), dtype=np.float32)
+
+    def traced_peak(n: int) -> int:
+        texts = [f"sentence {i}" for i in range(n)]
+        langs = np.array(["en", "fr", "de", "zh"] * (n // 4))
+        pids = np.arange(n) // 4
+        encoder = RandomEncoder()
+        tracemalloc.start()
+        try:
+            EmbeddingCache.build(
+                tmp_path / f"{n}.zarr",
+                encoder,
+                texts,
+                languages=langs,
+                pair_ids=pids,
+                chunk_rows=chunk,
+                progress=False,
+            )
+            return tracemalloc.get_traced_memory()[1]
+        finally:
+            tracemalloc.stop()
+
+    small, large = traced_peak(6 * chunk), traced_peak(24 * chunk)
+    assert large - small < 0.5 * chunk_bytes, (
+        f"peak {small / 1e6:.2f} MB for {6 * chunk} rows, {large / 1e6:.2f} MB for {24 * chunk} "
+        f"rows ({chunk_bytes / 1e6:.2f} MB chunks)"
+    )
+    assert large < 5 * chunk_bytes
