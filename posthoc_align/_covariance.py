@@ -101,18 +101,19 @@ class ScatterMoments:
             lo, hi = int(bounds[g]), int(bounds[g + 1])
             if lo == hi:
                 continue
-            shift = torch.from_numpy(m.shift[g]).to(dev, cdt)
+            shift = torch.from_numpy(m.shift[g]).to(dev)  # float64
             acc = torch.zeros((d, d), dtype=torch.float64, device=dev)
             for sl in row_blocks(hi - lo, block_rows(BLOCK_ROWS, dev)):
-                rows = T.index_select(0, perm[lo + sl.start : lo + sl.stop]).to(cdt) - shift
-                # compensated: the GEMM runs on rows re-centred on their block mean m,
-                # and Σyyᵀ = Σ(y−m)(y−m)ᵀ + m rᵀ + r mᵀ + n m mᵀ (r = Σ(y−m)) in float64
+                rows = T.index_select(0, perm[lo + sl.start : lo + sl.stop]).to(cdt)
+                # compensated: the GEMM runs on the rows centred on their block mean m;
+                # with the reference row s, in float64 (dm = m − s, r = Σ(x−m)),
+                #   Σ(x−s)(x−s)ᵀ = Σ(x−m)(x−m)ᵀ + dm rᵀ + r dmᵀ + n dm dmᵀ
                 mb = rows.mean(0)
                 rows -= mb
-                m64, r64 = mb.to(torch.float64), rows.sum(0).to(torch.float64)
-                cross = torch.outer(m64, r64)
+                dm = mb.to(torch.float64) - shift
+                cross = torch.outer(dm, rows.sum(0).to(torch.float64))
                 acc += rows.T @ rows
-                acc += cross + cross.T + rows.shape[0] * torch.outer(m64, m64)
+                acc += cross + cross.T + rows.shape[0] * torch.outer(dm, dm)
             self.scatter[g] += acc.cpu().numpy()
         return self
 

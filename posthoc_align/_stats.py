@@ -49,6 +49,25 @@ BLOCK_ROWS = 4096
 SUM_BLOCK = 2048
 
 
+#: Rows per reduction in the grouped-rows path of :class:`LanguageMoments` (one
+#: ``torch.sum`` per chunk of a run; large enough to use every thread).
+RUN_CHUNK = 1 << 16
+
+#: Rows grouped by language in runs at least this long (on average) take the
+#: contiguous-segment path; otherwise segmented ``index_add_`` over blocks.
+MIN_RUN = 1024
+
+
+def _runs(gcodes: np.ndarray) -> list[tuple[int, int, int]] | None:
+    """``[(start, stop, code), ...]`` when rows come in few long runs of one language."""
+    n = gcodes.shape[0]
+    change = np.flatnonzero(gcodes[1:] != gcodes[:-1]) + 1
+    if (change.size + 1) * MIN_RUN > n:
+        return None
+    bounds = np.concatenate(([0], change, [n]))
+    return [(int(a), int(b), int(gcodes[a])) for a, b in zip(bounds[:-1], bounds[1:], strict=True)]
+
+
 def row_blocks(n: int, block: int = BLOCK_ROWS) -> Iterator[slice]:
     """Slices covering ``range(n)`` in blocks of ``block`` rows."""
     for start in range(0, n, block):
@@ -179,8 +198,13 @@ class LanguageMoments:
         shift = torch.from_numpy(self.shift).to(dev, cdt)
         shared = bool((self.shift == self.shift[0]).all())  # one reference row for all
         shift0 = shift[0]
+        shift64 = torch.from_numpy(self.shift).to(dev)
         acc_s = torch.zeros((L, d), dtype=torch.float64, device=dev)
         acc_q = torch.zeros_like(acc_s) if self.second_moments else None
+        runs = _runs(gcodes)
+        if runs is not None:
+            self._sum_runs(T, runs, cdt, acc_s, acc_q)
+            return self._commit(T, gcodes, acc_s, acc_q, name)
         bs = torch.empty((L, d), dtype=cdt, device=dev)
         comp = self.compensated or acc_q is not None
         raw_sums = not comp and shared  # plain first moments: no shift pass needed
@@ -211,39 +235,42 @@ class LanguageMoments:
                 continue
             if src.dtype != cdt:
                 src = src.to(cdt)
+            k = sl.stop - sl.start
+            if comp:
+                # compensated float32: each language's rows of the block are centred on
+                # their block mean m (in cache), the small residuals summed, and with
+                # the reference row s, in float64,
+                #   Σ(x−s) = n(m−s) + Σ(x−m),  Σ(x−s)² = Σ(x−m)² + 2(m−s)Σ(x−m) + n(m−s)²
+                # so the float32 rounding is relative to the spread, not to |x−s|
+                bs.zero_().index_add_(0, gb, src)
+                cnt = torch.bincount(gb, minlength=L)
+                m = bs / cnt.clamp_min(1).to(cdt)[:, None]
+                gs = gbuf[:k]
+                torch.index_select(m, 0, gb, out=gs)
+                torch.sub(src, gs, out=xs)
+                rs.zero_().index_add_(0, gb, xs)
+                dm = m.to(torch.float64) - shift64
+                c64, r64 = cnt.to(torch.float64)[:, None], rs.to(torch.float64)
+                acc_s += c64 * dm + r64
+                if acc_q is not None:
+                    xs.mul_(xs)
+                    qs.zero_().index_add_(0, gb, xs)
+                    acc_q += qs + dm * (2.0 * r64 + c64 * dm)
+                continue
             if shared:
                 torch.sub(src, shift0, out=xs)
             else:
-                gs = gbuf[: xs.shape[0]]
+                gs = gbuf[:k]
                 torch.index_select(shift, 0, gb, out=gs)
                 torch.sub(src, gs, out=xs)
             bs.zero_().index_add_(0, gb, xs)
-            if not comp:
-                acc_s += bs
-                continue
-            # compensated float32: re-centre each language's rows on its block mean m
-            # (in cache), sum the small residuals, and form in float64
-            #   Σy = n·m + Σ(y−m),   Σy² = Σ(y−m)² + 2m·Σ(y−m) + n·m²
-            # so the float32 rounding is relative to the spread, not to the mean
-            cnt = torch.bincount(gb, minlength=L)
-            m = bs / cnt.clamp_min(1).to(cdt)[:, None]
-            gs = gbuf[: xs.shape[0]]
-            torch.index_select(m, 0, gb, out=gs)
-            xs.sub_(gs)
-            rs.zero_().index_add_(0, gb, xs)
-            m64, c64, r64 = (
-                m.to(torch.float64),
-                cnt.to(torch.float64)[:, None],
-                rs.to(torch.float64),
-            )
-            acc_s += c64 * m64 + r64
-            if acc_q is not None:
-                xs.mul_(xs)
-                qs.zero_().index_add_(0, gb, xs)
-                acc_q += qs + m64 * (2.0 * r64 + c64 * m64)
+            acc_s += bs
         if raw_sums:  # shifted sums, formed in float64
             n_batch = torch.from_numpy(np.bincount(gcodes, minlength=L).astype(np.float64))
             acc_s -= n_batch.to(dev)[:, None] * torch.from_numpy(self.shift).to(dev)
+        return self._commit(T, gcodes, acc_s, acc_q, name)
+
+    def _commit(self, T, gcodes, acc_s, acc_q, name) -> LanguageMoments:
         if not bool(torch.isfinite(acc_s).all()) or (
             acc_q is not None and not bool(torch.isfinite(acc_q).all())
         ):
@@ -251,8 +278,43 @@ class LanguageMoments:
         self.sums = self.sums + acc_s.cpu().numpy()
         if acc_q is not None:
             self.sumsq = self.sumsq + acc_q.cpu().numpy()
-        self.counts = self.counts + np.bincount(gcodes, minlength=L)
+        self.counts = self.counts + np.bincount(gcodes, minlength=len(self.labels))
         return self
+
+    def _sum_runs(self, T, runs, cdt, acc_s, acc_q) -> None:
+        """Rows grouped by language (few long runs): contiguous segment reductions.
+
+        Each run is reduced with ``torch.sum`` over a contiguous slice — the same
+        multi-threaded, cascade-summed pass as ``X.sum(0)`` — instead of
+        ``index_add_`` (one row at a time into its language's row). First moments
+        only: one float32 sum per run (chunks of at most :data:`RUN_CHUNK` rows).
+        Compensated / second moments: each chunk c of a run is re-centred on its own
+        mean m and, with the language's reference row s, ``Σ(x−s) = n(m−s) + Σ(x−m)``
+        and ``Σ(x−s)² = Σ(x−m)² + 2(m−s)Σ(x−m) + n(m−s)²`` are formed in float64.
+        """
+        dev = T.device
+        comp = self.compensated or acc_q is not None
+        shift = torch.from_numpy(self.shift).to(dev)  # float64
+        step = block_rows(RUN_CHUNK if not comp else SUM_BLOCK, dev)
+        if comp:  # reused: a fresh block-sized temporary costs page faults every time
+            ybuf = torch.empty((min(step, T.shape[0]), T.shape[1]), dtype=cdt, device=dev)
+        for start, stop, code in runs:
+            seg = T[start:stop]
+            if not comp:
+                for sl in row_blocks(stop - start, step):
+                    acc_s[code] += seg[sl].sum(0, dtype=cdt)
+                acc_s[code] -= (stop - start) * shift[code]
+                continue
+            for sl in row_blocks(stop - start, step):
+                x = seg[sl] if seg.dtype == cdt else seg[sl].to(cdt)
+                k = sl.stop - sl.start
+                m = x.mean(0)
+                y = torch.sub(x, m, out=ybuf[:k])
+                r64 = y.sum(0).to(torch.float64)
+                dm = m.to(torch.float64) - shift[code]
+                acc_s[code] += k * dm + r64
+                if acc_q is not None:
+                    acc_q[code] += y.square_().sum(0) + dm * (2.0 * r64 + k * dm)
 
     @classmethod
     def with_shifts(
@@ -501,8 +563,8 @@ class PairMoments:
         copy of all of a language's rows), shifted in place, and multiplied.
         """
         cdt = compute_dtype(src_a.dtype)
-        ka = torch.from_numpy(shift_a).to(dev, cdt)
-        kb = torch.from_numpy(shift_b).to(dev, cdt)
+        ka = torch.from_numpy(np.asarray(shift_a, dtype=np.float64)).to(dev)
+        kb = torch.from_numpy(np.asarray(shift_b, dtype=np.float64)).to(dev)
         n, d = len(idx_a), src_a.shape[1]
         step = max(1, min(block_rows(BLOCK_ROWS, dev), n))
         abuf = torch.empty((step, d), dtype=cdt, device=dev)
@@ -512,23 +574,24 @@ class PairMoments:
         sa = torch.zeros(d, dtype=torch.float64, device=dev)
         sb = torch.zeros(d, dtype=torch.float64, device=dev)
         for sl in row_blocks(n, step):
-            a = _gather_rows(src_a, idx_a[sl], abuf).sub_(ka)
-            b = _gather_rows(src_b, idx_b[sl], bbuf).sub_(kb)
+            a = _gather_rows(src_a, idx_a[sl], abuf)
+            b = _gather_rows(src_b, idx_b[sl], bbuf)
             # compensated float32 (as in LanguageMoments): the GEMM runs on the block
-            # re-centred on its means ma, mb, and in float64
-            #   Σabᵀ = Σ(a−ma)(b−mb)ᵀ + ma rbᵀ + ra mbᵀ + n ma mbᵀ   (r = Σ(·−m))
+            # centred on its means ma, mb; with the reference rows ka, kb, in float64
+            # (da = ma − ka, ra = Σ(a−ma), likewise for b)
+            #   Σ(a−ka)(b−kb)ᵀ = Σ(a−ma)(b−mb)ᵀ + da rbᵀ + ra dbᵀ + n da dbᵀ
             # block sums in the block's precision (torch's float64-accumulating sum of
             # float32 is ~50x slower)
             ma, mb = a.mean(0), b.mean(0)
             a.sub_(ma)
             b.sub_(mb)
-            ma64, mb64 = ma.to(torch.float64), mb.to(torch.float64)
+            da, db = ma.to(torch.float64) - ka, mb.to(torch.float64) - kb
             ra, rb = a.sum(0).to(torch.float64), b.sum(0).to(torch.float64)
             m = a.shape[0]
             S += torch.mm(a.T, b, out=Sb)
-            S += torch.outer(ma64, rb) + torch.outer(ra, mb64) + m * torch.outer(ma64, mb64)
-            sa += m * ma64 + ra
-            sb += m * mb64 + rb
+            S += torch.outer(da, rb) + torch.outer(ra, db) + m * torch.outer(da, db)
+            sa += m * da + ra
+            sb += m * db + rb
         if lab not in self.S:
             self.S[lab] = np.zeros((d, d))
             self.sa[lab] = np.zeros(d)

@@ -285,3 +285,37 @@ def test_float32_statistics_are_compensated(offset):
     s64 = ScatterMoments().update(torch.from_numpy(X64), np.array(list("abc")), codes)
     w32, w64 = s32.within(), s64.within()
     assert np.abs(w32 - w64).max() < 1e-5 * np.abs(w64).max()
+
+
+@pytest.mark.parametrize("second", [False, True])
+def test_grouped_rows_path_equals_segmented_path(second):
+    """Rows in long language runs take contiguous reductions; shuffled rows take
+    segmented index_add_. Both equal a float64 reference (and each other)."""
+    from posthoc_align._stats import MIN_RUN, LanguageMoments, _runs
+
+    rng = np.random.default_rng(11)
+    sizes = [3 * MIN_RUN, 2 * MIN_RUN + 17, MIN_RUN + 5]
+    langs = np.repeat(np.array(["a", "b", "c"]), sizes)
+    X = rng.normal(size=(langs.size, 12)) * 2 + 5 * rng.normal(size=12)
+    X[langs == "b"] += 40.0
+    codes = np.unique(langs, return_inverse=True)[1]
+    assert _runs(codes) is not None
+    perm = rng.permutation(langs.size)
+    assert _runs(codes[perm]) is None
+    labels = np.array(["a", "b", "c"])
+
+    def fit(A, c):
+        m = LanguageMoments(second_moments=second)
+        return m.update(torch.from_numpy(np.ascontiguousarray(A)), labels, c)
+
+    ref = fit(X, codes)  # float64 input: float64 throughout
+    for A, c in ((X.astype(np.float32), codes), (X[perm].astype(np.float32), codes[perm])):
+        m = fit(A, c)
+        np.testing.assert_allclose(m.means(), ref.means(), rtol=0, atol=2e-5)
+        np.testing.assert_array_equal(m.counts, ref.counts)
+        if second:
+            np.testing.assert_allclose(m.variances(), ref.variances(), rtol=1e-5)
+    m64 = fit(X[perm], codes[perm])
+    np.testing.assert_allclose(m64.means(), ref.means(), rtol=1e-12)
+    if second:
+        np.testing.assert_allclose(m64.variances(), ref.variances(), rtol=1e-10)
