@@ -248,6 +248,18 @@ class HFEncoder:
             enabled=self._autocast_dtype is not None,
         )
         starts = range(0, len(texts), self.batch_size)
+        # On a GPU, pooled batches stay on the device and come back in groups: no
+        # per-batch synchronisation, so tokenising the next batch overlaps the GPU work
+        # (inputs go through pinned memory, asynchronously).
+        on_gpu = self.device.type != "cpu"
+        pending: list[tuple[np.ndarray, torch.Tensor]] = []
+
+        def flush() -> None:
+            if pending:
+                rows = np.concatenate([p[0] for p in pending])
+                out[rows] = torch.cat([p[1] for p in pending]).float().cpu().numpy()
+                pending.clear()
+
         with torch.inference_mode(), autocast:
             for start in tqdm(starts, disable=not show, desc="encode", unit="batch"):
                 idx = order[start : start + self.batch_size]
@@ -259,7 +271,13 @@ class HFEncoder:
                         raise ValueError(
                             f"texts[{idx[row]}] produces no tokens; remove empty texts"
                         )
-                batch = {k: v.to(self.device) for k, v in batch.items()}
+                if on_gpu:
+                    batch = {
+                        k: v.pin_memory().to(self.device, non_blocking=True)
+                        for k, v in batch.items()
+                    }
+                else:
+                    batch = {k: v.to(self.device) for k, v in batch.items()}
                 mask = batch["attention_mask"]
                 if on_batch is not None:
                     on_batch(idx, mask)
@@ -271,7 +289,13 @@ class HFEncoder:
                         )
                 else:
                     pooled = torch.stack([_pool(h, mask, pooling) for h in states], dim=1)
-                    out[idx] = pooled.float().cpu().numpy()
+                    if on_gpu:
+                        pending.append((idx, pooled))
+                        if len(pending) >= _GPU_FLUSH_BATCHES:
+                            flush()
+                    else:
+                        out[idx] = pooled.float().numpy()
+            flush()
         if n_truncated:
             warnings.warn(
                 f"{n_truncated} of {len(texts)} texts were longer than max_length="
@@ -395,6 +419,10 @@ def _resolve_dtype(dtype: str | torch.dtype | None) -> torch.dtype | None:
     if isinstance(dtype, str) and dtype.removeprefix("torch.") in _DTYPES:
         return _DTYPES[dtype.removeprefix("torch.")]
     raise ValueError(f"dtype must be None, 'float32', 'bfloat16' or 'float16', got {dtype!r}")
+
+
+#: Pooled batches kept on the GPU before one copy to the host.
+_GPU_FLUSH_BATCHES = 32
 
 
 def _cpu_bf16() -> bool:
