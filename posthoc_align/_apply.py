@@ -20,7 +20,7 @@ import numpy as np
 import torch
 
 from ._backend import block_rows
-from ._stats import row_blocks
+from ._stats import _runs, row_blocks
 from ._validation import raise_non_finite
 
 __all__ = ["affine_by_language", "deliver", "project_out", "usable_out"]
@@ -145,12 +145,40 @@ def affine_by_language(
     if rotations and n:
         present = set(np.unique(gcodes).tolist())
         rot = {int(k): R for k, R in rotations.items() if int(k) in present}
-    if not rot:
+    runs = _runs(gcodes) if not rot else None
+    if runs is not None:
+        _elementwise_runs(T, runs, sh, sc, off, out, check)
+    elif not rot:
         _elementwise(T, torch.from_numpy(gcodes).to(dev), sh, sc, off, out, check)
     else:
         _by_language(T, gcodes, sh, sc, rot, off, out, check)
     check.check(T, name)
     return out
+
+
+def _elementwise_runs(T, runs, sh, sc, off, out, check) -> None:
+    """Rows grouped by language: per run, broadcast one language's vectors (no gather).
+
+    Each cache-sized block of a run is one ``torch.sub(x, sh[l], out=)`` — the
+    ceiling operation itself — then, in cache, the scale, the offset and the
+    finiteness check.
+    """
+    cdt = out.dtype
+    step = block_rows(ELEMENTWISE_BLOCK, T.device)
+    for start, stop, code in runs:
+        for sl in row_blocks(stop - start, step):
+            rows = slice(start + sl.start, start + sl.stop)
+            x = T[rows] if T.dtype == cdt else T[rows].to(cdt)
+            ob = out[rows]
+            if sh is not None:
+                torch.sub(x, sh[code], out=ob)
+            else:
+                ob.copy_(x)
+            if sc is not None:
+                ob.mul_(sc[code])
+            if off is not None:
+                ob.add_(off)
+            check.add(ob)
 
 
 def _elementwise(T, g, sh, sc, off, out, check) -> None:

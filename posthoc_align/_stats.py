@@ -49,10 +49,6 @@ BLOCK_ROWS = 4096
 SUM_BLOCK = 2048
 
 
-#: Rows per reduction in the grouped-rows path of :class:`LanguageMoments` (one
-#: ``torch.sum`` per chunk of a run; large enough to use every thread).
-RUN_CHUNK = 1 << 16
-
 #: Rows grouped by language in runs at least this long (on average) take the
 #: contiguous-segment path; otherwise segmented ``index_add_`` over blocks.
 MIN_RUN = 1024
@@ -287,7 +283,7 @@ class LanguageMoments:
         Each run is reduced with ``torch.sum`` over a contiguous slice — the same
         multi-threaded, cascade-summed pass as ``X.sum(0)`` — instead of
         ``index_add_`` (one row at a time into its language's row). First moments
-        only: one float32 sum per run (chunks of at most :data:`RUN_CHUNK` rows).
+        only: one float32 sum per block of :data:`SUM_BLOCK` rows of a run.
         Compensated / second moments: each chunk c of a run is re-centred on its own
         mean m and, with the language's reference row s, ``Σ(x−s) = n(m−s) + Σ(x−m)``
         and ``Σ(x−s)² = Σ(x−m)² + 2(m−s)Σ(x−m) + n(m−s)²`` are formed in float64.
@@ -295,7 +291,7 @@ class LanguageMoments:
         dev = T.device
         comp = self.compensated or acc_q is not None
         shift = torch.from_numpy(self.shift).to(dev)  # float64
-        step = block_rows(RUN_CHUNK if not comp else SUM_BLOCK, dev)
+        step = block_rows(SUM_BLOCK, dev)  # cache-sized: ~15% faster than whole runs
         if comp:  # reused: a fresh block-sized temporary costs page faults every time
             ybuf = torch.empty((min(step, T.shape[0]), T.shape[1]), dtype=cdt, device=dev)
         for start, stop, code in runs:

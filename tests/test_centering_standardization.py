@@ -319,3 +319,30 @@ def test_grouped_rows_path_equals_segmented_path(second):
     np.testing.assert_allclose(m64.means(), ref.means(), rtol=1e-12)
     if second:
         np.testing.assert_allclose(m64.variances(), ref.variances(), rtol=1e-10)
+
+
+@pytest.mark.parametrize("cls", [LanguageMeanCentering, LanguageStandardizer])
+def test_transform_grouped_rows_path_equals_shuffled(cls):
+    """Grouped rows are transformed run by run (broadcast vectors), shuffled rows by
+    gathered statistics: the same numbers either way, float32 and float64."""
+    from posthoc_align._stats import MIN_RUN
+
+    rng = np.random.default_rng(5)
+    langs = np.repeat(np.array(["x", "y", "z"]), [2 * MIN_RUN, MIN_RUN + 3, 3 * MIN_RUN])
+    X = rng.normal(size=(langs.size, 10)) + np.repeat(
+        rng.normal(scale=4, size=(3, 10)), [2 * MIN_RUN, MIN_RUN + 3, 3 * MIN_RUN], axis=0
+    )
+    perm = rng.permutation(langs.size)
+    for dtype in (np.float32, np.float64):
+        A = X.astype(dtype)
+        est = cls().fit(A, languages=langs)
+        grouped = est.transform(A, languages=langs)
+        shuffled = est.transform(A[perm], languages=langs[perm])
+        assert grouped.dtype == dtype
+        np.testing.assert_allclose(
+            shuffled, grouped[perm], rtol=0, atol=1e-6 if dtype == np.float32 else 1e-12
+        )
+    bad = X.copy()
+    bad[MIN_RUN + 7, 3] = np.nan
+    with pytest.raises(ValueError, match="NaN|finite"):
+        est.transform(bad, languages=langs)
