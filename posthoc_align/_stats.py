@@ -126,11 +126,8 @@ class LanguageMoments:
         lab_list = _labels_list(labels)
         new = [i for i, lab in enumerate(lab_list) if lab not in self.index]
         if new:
-            present = np.zeros(len(lab_list), dtype=bool)
-            first = np.full(len(lab_list), -1)
-            uniq, first_pos = np.unique(codes, return_index=True)
-            present[uniq] = True
-            first[uniq] = first_pos
+            # O(n) (no sort): which batch labels occur, and where the first new one starts
+            present = np.bincount(codes, minlength=len(lab_list)) > 0
             new = [i for i in new if present[i]]
             if new:
                 # one reference row shared by every language (the first row ever seen):
@@ -139,7 +136,7 @@ class LanguageMoments:
                 if len(self.labels):
                     ref = self.shift[0]
                 else:
-                    ref = T[int(first[new[0]])].to(torch.float64).cpu().numpy()
+                    ref = T[int(np.argmax(codes == new[0]))].to(torch.float64).cpu().numpy()
                     if not np.isfinite(ref).all():
                         raise_non_finite(T)
                 rows = np.tile(ref, (len(new), 1))

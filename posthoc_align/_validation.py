@@ -166,8 +166,36 @@ def factorize(arr: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
     return labels, codes.astype(np.int64, copy=False).reshape(-1)
 
 
+class FactorizedLabels(np.ndarray):
+    """A label array that carries its factorisation, so it is not redone per call.
+
+    Made by :func:`factorized` (e.g. once by ``PerLayer`` for all of its layers). Any
+    view, slice or copy of it is a plain label array again (the codes are dropped),
+    so a stale factorisation can never be read.
+    """
+
+    _factors: tuple[np.ndarray, np.ndarray] | None = None
+
+    def __array_finalize__(self, obj: Any) -> None:
+        self._factors = None
+
+
+def factorized(values: Any, n_rows: int, name: str = "languages") -> Any:
+    """``values`` as a :class:`FactorizedLabels` (``None`` stays ``None``)."""
+    if values is None:
+        return None
+    arr = _to_1d_numpy(values, name, n_rows)
+    out = arr.view(FactorizedLabels)
+    out._factors = factorize(arr)
+    return out
+
+
 def check_labels(values: Any, n_rows: int, name: str) -> tuple[np.ndarray, np.ndarray]:
     """Return ``(unique_labels, codes)`` for one label per row (host numpy)."""
+    if isinstance(values, FactorizedLabels) and values._factors is not None:
+        if values.shape[0] == n_rows:
+            labels, codes = values._factors
+            return labels, codes
     return factorize(_to_1d_numpy(values, name, n_rows))
 
 

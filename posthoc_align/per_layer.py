@@ -16,8 +16,16 @@ from sklearn.utils.validation import check_is_fitted
 from ._apply import _empty_like
 from ._backend import DEVICE_CONSTRAINT
 from ._dask import is_dask
-from ._validation import check_X
+from ._validation import check_X, factorized
 from .procrustes import ProcrustesAligner
+
+
+def _factorize_once(X: Any, languages: Any) -> Any:
+    """Factorise the language labels once for all layers (not for dask input)."""
+    if languages is None or is_dask(X) or is_dask(languages):
+        return languages
+    return factorized(languages, X.shape[0])
+
 
 __all__ = ["PerLayer", "RotateAlign"]
 
@@ -153,6 +161,7 @@ class PerLayer(TransformerMixin, BaseEstimator, auto_wrap_output_keys=None):
         _, X = self._check_3d(X, reset=True)
         self.layers_ = self._resolve_layers(X.shape[1])
         self.estimators_ = []
+        languages = _factorize_once(X, languages)
         for i in self.layers_:
             est = self._make_estimator()
             est.fit(X[:, i, :], **_accepted(est.fit, languages=languages, pair_ids=pair_ids))
@@ -166,6 +175,7 @@ class PerLayer(TransformerMixin, BaseEstimator, auto_wrap_output_keys=None):
         if first:
             self.layers_ = self._resolve_layers(X.shape[1])
             self.estimators_ = [self._make_estimator() for _ in self.layers_]
+        languages = _factorize_once(X, languages)
         for i, est in zip(self.layers_, self.estimators_, strict=True):
             est.partial_fit(
                 X[:, i, :], **_accepted(est.partial_fit, languages=languages, pair_ids=pair_ids)
@@ -208,6 +218,7 @@ class PerLayer(TransformerMixin, BaseEstimator, auto_wrap_output_keys=None):
             out = np.empty(X.shape, dtype=np.float32 if T.dtype == torch.float32 else np.float64)
             out_t = torch.from_numpy(out)
         fitted = set(self.layers_)
+        languages = _factorize_once(X, languages)
         for j in range(X.shape[1]):
             if j not in fitted:
                 out_t[:, j, :].copy_(T[:, j, :])

@@ -61,3 +61,20 @@ def test_factorize_does_not_mutate():
     factorize(arr)
     factorize(arr[::2])  # non-contiguous
     np.testing.assert_array_equal(arr, before)
+
+
+def test_factorized_labels_are_reused_and_views_drop_them():
+    from posthoc_align._validation import check_labels, factorized
+
+    langs = np.array(["fr", "en", "fr", "de"] * 100)
+    f = factorized(langs, langs.size)
+    labels, codes = check_labels(f, langs.size, "languages")
+    np.testing.assert_array_equal(labels, ["de", "en", "fr"])
+    np.testing.assert_array_equal(labels[codes], langs)
+    part = f[::2]  # a view: its own factorisation, never the parent's
+    assert part._factors is None
+    labels2, codes2 = check_labels(part, part.size, "languages")
+    np.testing.assert_array_equal(labels2[codes2], langs[::2])
+    with pytest.raises(ValueError, match="entries but X has"):
+        check_labels(f, langs.size + 1, "languages")
+    assert factorized(None, 3) is None
