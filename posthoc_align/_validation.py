@@ -144,7 +144,9 @@ def factorize(arr: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
     then only the first label of each run is sorted, O(n) compares instead of an
     O(n log n) string sort. Unsorted short strings (up to 2 characters, like ISO 639-1
     codes) are sorted as integers (their UCS-4 code points packed into a ``uint64``, which
-    orders them as numpy orders the strings). Anything else goes to ``np.unique``.
+    orders them as numpy orders the strings); longer ones by a 64-bit hash of their code
+    points, checked against the strings (a collision falls back). Anything else goes to
+    ``np.unique``.
     Same output as ``np.unique`` in every case.
     """
     n = arr.shape[0]
@@ -162,6 +164,20 @@ def factorize(arr: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
                 keys |= u[:, 1]
             _, first, codes = np.unique(keys, return_index=True, return_inverse=True)
             return arr[first], codes.reshape(-1).astype(np.int64, copy=False)
+        if arr.dtype.kind == "U":  # longer strings: sort 64-bit hashes, then verify
+            u = np.ascontiguousarray(arr).view(np.uint32).reshape(n, -1)
+            h = np.zeros(n, dtype=np.uint64)
+            for j in range(u.shape[1]):  # polynomial hash of the code points, mod 2**64
+                h *= np.uint64(1000003)
+                h += u[:, j]
+            _, first, codes = np.unique(h, return_index=True, return_inverse=True)
+            cand = arr[first]
+            codes = codes.reshape(-1)
+            if np.array_equal(cand[codes], arr):  # no two strings shared a hash
+                order = np.argsort(cand, kind="stable")
+                rank = np.empty_like(order)
+                rank[order] = np.arange(order.size)
+                return cand[order], rank[codes].astype(np.int64, copy=False)
     labels, codes = np.unique(arr, return_inverse=True)
     return labels, codes.astype(np.int64, copy=False).reshape(-1)
 
