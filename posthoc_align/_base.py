@@ -87,6 +87,19 @@ class LanguageTransformerMixin(OneToOneFeatureMixin, TransformerMixin, BaseEstim
         self._finalize(dev)
         return self
 
+    def _fit_from_moments(self, moments: LanguageMoments, device: Any) -> None:
+        """Become fitted from moments accumulated elsewhere (``PerLayer``'s one pass
+        over a layer stack): the same state and closed form as :meth:`fit`."""
+        self._reset()
+        self.n_features_in_ = moments.n_features
+        self._moments = moments
+        self._pairs = None
+        self._finalize(device)
+        self._after_fit()
+
+    def _after_fit(self) -> None:
+        """Checks run at the end of ``fit`` (e.g. warnings about tiny languages)."""
+
     #: private streaming state dropped by ``fit`` (besides every ``*_`` attribute)
     _state_attrs: tuple[str, ...] = ("_moments", "_pairs", "_scatter", "_fitter", "_rows")
 

@@ -332,6 +332,24 @@ class LanguageMoments:
         m.counts = np.zeros(len(m.labels))
         return m
 
+    def columns(self, cols: slice) -> LanguageMoments:
+        """The moments of the feature columns ``cols`` (copies; same languages).
+
+        Per-dimension moments of a flattened layer stack ``(n, n_layers * d)`` are the
+        concatenation of each layer's moments: ``PerLayer`` accumulates them in one
+        pass and hands each layer its columns.
+        """
+        m = type(self)(second_moments=self.second_moments, compensated=self.compensated)
+        m.labels = list(self.labels)
+        m.index = dict(self.index)
+        m.counts = self.counts.copy()
+        if self.shift is not None:
+            m.shift = self.shift[:, cols].copy()
+            m.sums = self.sums[:, cols].copy()
+            if self.sumsq is not None:
+                m.sumsq = self.sumsq[:, cols].copy()
+        return m
+
     def add(self, other: LanguageMoments) -> LanguageMoments:
         """Add moments accumulated on the same languages and shifts (in place)."""
         if other.labels != self.labels or not np.array_equal(other.shift, self.shift):

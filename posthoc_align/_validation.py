@@ -137,16 +137,93 @@ def _to_1d_numpy(values: Any, name: str, n_rows: int) -> np.ndarray:
     return arr
 
 
+#: Odd 64-bit multipliers for the bucket hash of :func:`_bucket_codes` (a second one is
+#: tried when two distinct keys share a bucket under the first).
+_MULTIPLIERS = (np.uint64(0x9E3779B97F4A7C15), np.uint64(0xC2B2AE3D27D4EB4F))
+_BUCKET_BITS = 16
+
+
+def _bucket_codes(keys: np.ndarray) -> tuple[np.ndarray, np.ndarray] | None:
+    """``(one row per distinct key in key order, codes)`` in O(n), or None.
+
+    Keys are hashed into 2**16 buckets (multiplicative hashing); one representative row
+    per bucket is stored and every key is checked against its bucket's representative,
+    so the result is exact whenever it is returned. With few distinct keys (languages)
+    this replaces ``np.unique``'s O(n log n) sort by four vectorised O(n) passes (~3 ms
+    instead of ~8-27 ms for 200,000 labels). None when distinct keys collide.
+    """
+    n = keys.shape[0]
+    size = 1 << _BUCKET_BITS
+    lo = keys.min()
+    if keys.max() - lo < size:  # small key range (e.g. two-letter codes): direct, exact
+        b = (keys - lo).view(np.int64)
+        occupied = np.flatnonzero(np.bincount(b, minlength=size))
+        firsts = np.empty(size, dtype=np.int64)
+        firsts[b] = np.arange(n)
+        lut = np.empty(size, dtype=np.int64)
+        lut[occupied] = np.arange(occupied.size)
+        return firsts[occupied], lut[b]
+    rows = np.arange(n)
+    for mult in _MULTIPLIERS:
+        b = ((keys * mult) >> np.uint64(64 - _BUCKET_BITS)).view(np.int64)
+        rep = np.empty(size, dtype=np.int64)
+        rep[b] = rows  # any row of the bucket will do: all are checked below
+        if np.array_equal(keys[rep[b]], keys):
+            occupied = np.flatnonzero(np.bincount(b, minlength=size))
+            firsts = rep[occupied]
+            order = np.argsort(keys[firsts], kind="stable")
+            lut = np.empty(size, dtype=np.int64)
+            lut[occupied[order]] = np.arange(order.size)
+            return firsts[order], lut[b]
+    return None
+
+
+def _exact_keys(arr: np.ndarray) -> np.ndarray | None:
+    """Order-preserving exact ``uint64`` keys, or None when the labels do not fit.
+
+    Strings of up to 8 characters below U+0100 (ISO codes, ``"eng_Latn"``) pack one byte
+    per character, first character in the top byte of the ``8 * width`` used (numpy
+    orders strings by code point, shorter ones first: the zero padding keeps that order); integers and booleans map
+    monotonically (sign bit flipped).
+    """
+    n = arr.shape[0]
+    if arr.dtype.kind in "iub":
+        if arr.dtype.kind == "u" and arr.dtype.itemsize == 8:
+            return arr.astype(np.uint64)
+        return arr.astype(np.int64).view(np.uint64) ^ np.uint64(1 << 63)
+    if arr.dtype.kind != "U" or arr.dtype.itemsize > 32:
+        return None
+    u = np.ascontiguousarray(arr).view(np.uint32).reshape(n, -1)
+    if u.size and u.max() > 255:
+        return None
+    k = u.shape[1]
+    keys = np.zeros(n, dtype=np.uint64)
+    for j in range(k):  # all strings are zero-padded to k characters
+        keys |= u[:, j].astype(np.uint64) << np.uint64(8 * (k - 1 - j))
+    return keys
+
+
+def _string_hashes(arr: np.ndarray) -> np.ndarray:
+    """A 64-bit polynomial hash of each string's code points (collisions possible)."""
+    n = arr.shape[0]
+    u = np.ascontiguousarray(arr).view(np.uint32).reshape(n, -1)
+    h = np.zeros(n, dtype=np.uint64)
+    for j in range(u.shape[1]):  # mod 2**64
+        h *= np.uint64(1000003)
+        h += u[:, j]
+    return h
+
+
 def factorize(arr: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
     """``np.unique(arr, return_inverse=True)`` with int64 codes, fast for the usual layouts.
 
     Rows usually come grouped by language (one run per language, as a corpus is read):
     then only the first label of each run is sorted, O(n) compares instead of an
-    O(n log n) string sort. Unsorted short strings (up to 2 characters, like ISO 639-1
-    codes) are sorted as integers (their UCS-4 code points packed into a ``uint64``, which
-    orders them as numpy orders the strings); longer ones by a 64-bit hash of their code
-    points, checked against the strings (a collision falls back). Anything else goes to
-    ``np.unique``.
+    O(n log n) string sort. Unsorted labels become ``uint64`` keys — exact and
+    order-preserving for integers and for strings of up to 8 characters below U+0100,
+    else a 64-bit hash of the code points checked against the strings — and the keys
+    are factorised in O(n) by a verified bucket hash (:func:`_bucket_codes`), with
+    ``np.unique`` on the keys as the fallback. Anything else goes to ``np.unique``.
     Same output as ``np.unique`` in every case.
     """
     n = arr.shape[0]
@@ -157,22 +234,19 @@ def factorize(arr: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
             labels, inv = np.unique(arr[starts], return_inverse=True)
             lengths = np.diff(np.concatenate((starts, [n])))
             return labels, np.repeat(inv.reshape(-1).astype(np.int64), lengths)
-        if arr.dtype.kind == "U" and arr.dtype.itemsize <= 8:
-            u = np.ascontiguousarray(arr).view(np.uint32).reshape(n, -1).astype(np.uint64)
-            keys = u[:, 0] << np.uint64(32)
-            if u.shape[1] == 2:
-                keys |= u[:, 1]
-            _, first, codes = np.unique(keys, return_index=True, return_inverse=True)
-            return arr[first], codes.reshape(-1).astype(np.int64, copy=False)
-        if arr.dtype.kind == "U":  # longer strings: sort 64-bit hashes, then verify
-            u = np.ascontiguousarray(arr).view(np.uint32).reshape(n, -1)
-            h = np.zeros(n, dtype=np.uint64)
-            for j in range(u.shape[1]):  # polynomial hash of the code points, mod 2**64
-                h *= np.uint64(1000003)
-                h += u[:, j]
-            _, first, codes = np.unique(h, return_index=True, return_inverse=True)
+        keys = _exact_keys(arr)
+        exact = keys is not None
+        if keys is None and arr.dtype.kind == "U":
+            keys = _string_hashes(arr)
+        if keys is not None:
+            found = _bucket_codes(keys)
+            if found is None:
+                _, first, codes = np.unique(keys, return_index=True, return_inverse=True)
+                found = first, codes.reshape(-1).astype(np.int64, copy=False)
+            first, codes = found
+            if exact:
+                return arr[first], codes
             cand = arr[first]
-            codes = codes.reshape(-1)
             if np.array_equal(cand[codes], arr):  # no two strings shared a hash
                 order = np.argsort(cand, kind="stable")
                 rank = np.empty_like(order)

@@ -13,10 +13,11 @@ from sklearn.utils._param_validation import HasMethods
 from sklearn.utils._set_output import _get_output_config
 from sklearn.utils.validation import check_is_fitted
 
-from ._apply import _empty_like
-from ._backend import DEVICE_CONSTRAINT
+from ._apply import _empty_like, affine_by_language
+from ._backend import DEVICE_CONSTRAINT, resolve_device
 from ._dask import is_dask
-from ._validation import check_X, factorized
+from ._stats import LanguageMoments
+from ._validation import check_languages, check_X, factorized
 from .procrustes import ProcrustesAligner
 
 
@@ -42,6 +43,24 @@ def _writes_into(est) -> bool:
     if type(est) not in (LanguageMeanCentering, LanguageStandardizer, ProcrustesAligner, LSAR):
         return False
     return _get_output_config("transform", est)["dense"] == "default"
+
+
+def _fusable(est) -> bool:
+    """Whether ``est`` is a per-language moment method whose per-layer fits can share
+    one pass over the stack (exact types: a subclass may change the fit)."""
+    from .centering import LanguageMeanCentering
+    from .lsar import LSAR
+    from .standardization import LanguageStandardizer
+
+    return type(est) in (LanguageMeanCentering, LanguageStandardizer, LSAR)
+
+
+def _layer_block(X: Any, layers: tuple[int, ...]):
+    """``X[:, a:b+1, :]`` as ``(n, k * d)`` when ``layers`` is the range a..b, else None."""
+    a, b = layers[0], layers[-1]
+    if list(layers) != list(range(a, b + 1)):
+        return None
+    return X[:, a : b + 1, :].reshape(X.shape[0], -1)
 
 
 def _accepted(method, **kwargs) -> dict:
@@ -158,15 +177,44 @@ class PerLayer(TransformerMixin, BaseEstimator, auto_wrap_output_keys=None):
         -------
         self
         """
-        _, X = self._check_3d(X, reset=True)
+        nx, X = self._check_3d(X, reset=True)
         self.layers_ = self._resolve_layers(X.shape[1])
         self.estimators_ = []
         languages = _factorize_once(X, languages)
+        if nx is not None and self._fit_fused(X, languages):
+            return self
         for i in self.layers_:
             est = self._make_estimator()
             est.fit(X[:, i, :], **_accepted(est.fit, languages=languages, pair_ids=pair_ids))
             self.estimators_.append(est)
         return self
+
+    def _fit_fused(self, X, languages) -> bool:
+        """One pass of per-language moments over the selected layers at once.
+
+        For centring, standardisation and LSAR the statistics of each layer are
+        per-dimension moments, so those of the flattened block ``(n, k * d)`` of
+        selected layers are the layers' moments side by side: one contiguous pass
+        (instead of ``k`` passes over strided layer views), then every clone is fitted
+        from its columns with its own closed form — the same state as fitting it on
+        its layer (same reference row, same summation order per element).
+        """
+        template = self._make_estimator()
+        if not _fusable(template):
+            return False
+        V = _layer_block(X, self.layers_)
+        if V is None:
+            return False
+        nx, Vc, dev = template._validate(V, reset=True)
+        labels, codes, _ = template._check_metadata(Vc.shape[0], languages, None)
+        moments = LanguageMoments(second_moments=template._second_moments)
+        moments.update(nx.to_torch(Vc, dev), labels, codes)
+        d = self.n_features_in_
+        for p in range(len(self.layers_)):
+            est = self._make_estimator()
+            est._fit_from_moments(moments.columns(slice(p * d, (p + 1) * d)), dev)
+            self.estimators_.append(est)
+        return True
 
     def partial_fit(self, X, y=None, languages=None, pair_ids=None):
         """Stream a batch into every layer's clone."""
@@ -222,6 +270,8 @@ class PerLayer(TransformerMixin, BaseEstimator, auto_wrap_output_keys=None):
         for j in range(X.shape[1]):
             if j not in fitted:
                 out_t[:, j, :].copy_(T[:, j, :])
+        if self._transform_fused(nx, T, out_t, languages):
+            return out
         for i, est in zip(self.layers_, self.estimators_, strict=True):
             kwargs = _accepted(est.transform, languages=languages)
             if _writes_into(est):
@@ -229,6 +279,46 @@ class PerLayer(TransformerMixin, BaseEstimator, auto_wrap_output_keys=None):
             else:
                 out[:, i, :] = est.transform(X[:, i, :], **kwargs)
         return out
+
+    def _transform_fused(self, nx, T, out_t, languages) -> bool:
+        """Centring / fitted standardisation of all selected layers in one pass.
+
+        The per-layer shift and scale vectors placed side by side make the selected
+        block ``(n, k * d)`` one per-language affine map (bitwise the per-layer result).
+        False (the caller loops over layers) for other methods, non-contiguous layers,
+        languages not seen at fit (each layer's policy handles them) or a device the
+        estimators would move the data to.
+        """
+        from .centering import LanguageMeanCentering
+        from .standardization import LanguageStandardizer, _scale
+
+        ests = self.estimators_
+        kind = type(ests[0])
+        if kind not in (LanguageMeanCentering, LanguageStandardizer):
+            return False
+        if any(type(e) is not kind or not _writes_into(e) for e in ests):
+            return False
+        if kind is LanguageStandardizer and any(e.mode != "fitted" for e in ests):
+            return False
+        if any(not np.array_equal(e.languages_, ests[0].languages_) for e in ests):
+            return False
+        V, dst = _layer_block(T, self.layers_), _layer_block(out_t, self.layers_)
+        if V is None or resolve_device(ests[0].device, nx, V) != T.device:
+            return False
+        labels, codes = check_languages(languages, T.shape[0])
+        gcodes, unknown = ests[0]._fitted_codes(labels, codes, policy="per layer")
+        if unknown:
+            return False
+        shift = scale = None
+        if kind is LanguageMeanCentering:
+            shift = np.hstack([e.means_ for e in ests])
+        else:
+            if ests[0].with_mean:
+                shift = np.hstack([e.means_ for e in ests])
+            if ests[0].with_std:
+                scale = np.hstack([1.0 / _scale(e.vars_, e.eps) for e in ests])
+        affine_by_language(V, gcodes, shift=shift, scale=scale, out=dst)
+        return True
 
     def fit_transform(self, X, y=None, languages=None, pair_ids=None):
         """Fit, then transform ``X`` (languages reach both steps)."""

@@ -137,9 +137,12 @@ class LanguageStandardizer(LanguageTransformerMixin):
         """
         self._reset()
         self._partial_fit(X, languages)
+        self._after_fit()
+        return self
+
+    def _after_fit(self) -> None:
         if self.mode == "fitted":
             _warn_small(self.languages_.tolist(), self.counts_, "at fit")
-        return self
 
     @_fit_context(prefer_skip_nested_validation=True)
     def partial_fit(self, X, y=None, languages=None):

@@ -78,3 +78,28 @@ def test_factorized_labels_are_reused_and_views_drop_them():
     with pytest.raises(ValueError, match="entries but X has"):
         check_labels(f, langs.size + 1, "languages")
     assert factorized(None, 3) is None
+
+
+@pytest.mark.parametrize(
+    "pool",
+    [
+        np.array(["eng_Latn", "deu_Latn", "zho_Hans", "a", "", "\x01b"]),  # exact 8-byte keys
+        np.array(["english_bible", "german", "中文", "portuguese_brazil"]),  # hashed
+        np.array([-5, 3, 0, 2**40, -(2**40)]),
+        np.array([2**64 - 1, 0, 7], dtype=np.uint64),
+    ],
+)
+def test_factorize_shuffled_key_paths(pool):
+    rng = np.random.default_rng(1)
+    _check(pool[rng.integers(0, pool.size, 3000)])
+
+
+def test_factorize_many_labels_and_bucket_collisions(monkeypatch):
+    import posthoc_align._validation as v
+
+    rng = np.random.default_rng(2)
+    many = np.array([f"l{i:05d}" for i in range(20000)])[rng.integers(0, 20000, 50000)]
+    _check(many)  # ~20k distinct keys in 2**16 buckets: collisions -> np.unique fallback
+    monkeypatch.setattr(v, "_BUCKET_BITS", 1)  # every pair of languages collides
+    _check(np.array(["en", "de", "fr"])[rng.integers(0, 3, 1000)])
+    _check(np.array(["english_x", "german_xx", "french_xx"])[rng.integers(0, 3, 1000)])
