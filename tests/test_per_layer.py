@@ -122,3 +122,21 @@ def test_fused_path_property(seed, layers, std):
     for j in pl.layers_:
         ref = type(est)().fit(X[:, j], languages=langs)
         np.testing.assert_allclose(Z[:, j], ref.transform(X[:, j], languages=langs), atol=1e-6)
+
+
+@pytest.mark.parametrize("est", [LanguageMeanCentering(), LanguageStandardizer(), LSAR()], ids=repr)
+def test_fused_path_on_every_backend(est, to_backend):
+    """numpy, CPU tensors and (where present) CUDA tensors: fused = per-layer fits."""
+    convert, back = to_backend
+    X, langs = _stack(6)
+    Xb = convert(X)
+    pl = PerLayer(est, layers=[1, 2, 3]).fit(Xb, languages=langs)
+    kw = {} if isinstance(est, LSAR) else {"languages": langs}
+    Z = pl.transform(Xb, **kw)
+    if convert.kind != "numpy":
+        assert isinstance(Z, torch.Tensor) and Z.device == Xb.device
+    for j, e in zip(pl.layers_, pl.estimators_, strict=True):
+        ref = type(est)(**est.get_params()).fit(X[:, j], languages=langs)
+        np.testing.assert_allclose(e.means_, ref.means_, rtol=1e-6, atol=1e-6)
+        np.testing.assert_allclose(back(Z[:, j]), ref.transform(X[:, j], **kw), atol=2e-5)
+    np.testing.assert_array_equal(back(Z[:, 0]), X[:, 0])
