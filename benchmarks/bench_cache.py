@@ -24,7 +24,9 @@ vocabulary, which looks like growth with the corpus but is the model's own memor
 The fake encoder returns random float32 arrays of shape ``(n, layers + 1, dim)``; with
 ``--real`` (and ``posthoc_align.encoders.load_offline_encoder`` and
 ``posthoc_align.datasets.load_bible`` importable) the same runs use the offline
-multilingual-e5-small on Bible verses.
+multilingual-e5-small on Bible verses; ``--no-pool-in-hooks`` runs that encoder with
+``pool_in_hooks=False`` (every hidden state of a batch returned, then pooled: the path before
+pooling moved inside the forward pass), for a before/after comparison on the same code.
 
 Usage::
 
@@ -32,6 +34,7 @@ Usage::
     python benchmarks/bench_cache.py --dtype float16
     python benchmarks/bench_cache.py --real --verses 300  # 300 verses x (en, fr, de)
     python benchmarks/bench_cache.py --real --sizes 700,3334 --memory-only  # 2,100 vs 10,002 rows
+    python benchmarks/bench_cache.py --real --sizes 1000 --memory-only --no-pool-in-hooks
 """
 
 from __future__ import annotations
@@ -115,7 +118,9 @@ def _inputs(args: argparse.Namespace):
         bible = load_bible(
             ("en", "fr", "de"), testament="new", n_verses=args.verses, random_state=0
         )
-        encoder = load_offline_encoder(batch_size=args.batch_size)
+        encoder = load_offline_encoder(
+            batch_size=args.batch_size, pool_in_hooks=not args.no_pool_in_hooks
+        )
         _page_in(encoder)
         return encoder, list(bible.data), bible.languages, bible.pair_ids
     n = args.rows
@@ -229,6 +234,8 @@ def _run(task: str, args: argparse.Namespace, path: Path, size: int | None = Non
         cmd += [f"--{key.replace('_', '-')}", str(value or getattr(args, key))]
     if args.real:
         cmd.append("--real")
+    if args.no_pool_in_hooks:
+        cmd.append("--no-pool-in-hooks")
     out = subprocess.run(cmd, capture_output=True, text=True)
     if out.returncode:
         sys.exit(f"{task} failed:\n{out.stderr}")
@@ -260,6 +267,11 @@ def main() -> None:
     parser.add_argument("--chunk-rows", type=int, default=1024)
     parser.add_argument("--dtype", default="float32", choices=["float32", "float16"])
     parser.add_argument("--real", action="store_true", help="offline e5-small on Bible verses")
+    parser.add_argument(
+        "--no-pool-in-hooks",
+        action="store_true",
+        help="--real: HFEncoder(pool_in_hooks=False), all hidden states returned then pooled",
+    )
     parser.add_argument("--verses", type=int, default=300, help="--real: verses per language")
     parser.add_argument("--batch-size", type=int, default=64, help="--real: encoder batch size")
     parser.add_argument(
@@ -355,7 +367,9 @@ def _scaling(args: argparse.Namespace, path: Path, sizes: list[int]) -> None:
     print(
         f"\nscaling: {_source(args)}, {L} layers x {d} dims, {args.dtype}, chunk_rows="
         f"{args.chunk_rows} (one float32 chunk = {chunk_mib:.1f} MiB), batch_size="
-        f"{args.batch_size if args.real else '-'}; one fresh process per size. Per-chunk RSS "
+        f"{args.batch_size if args.real else '-'}"
+        f"{', pool_in_hooks=False' if args.real and args.no_pool_in_hooks else ''}"
+        "; one fresh process per size. Per-chunk RSS "
         f"growth after each chunk, first {args.warmup} chunk(s) left out: current RSS "
         "first/last/max, peak so far first/last, anonymous memory (RssAnon) first/last/max, "
         "file-backed (RssFile) after the last chunk."

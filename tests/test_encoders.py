@@ -11,6 +11,7 @@ import os
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 
 import warnings
+import weakref
 
 import numpy as np
 import pytest
@@ -262,12 +263,159 @@ def test_order_restored_for_any_batch_size(bert, picks, batch_size):
 def test_hook_path_matches_hidden_states(encoder, pooling):
     expected = encoder.encode(TEXTS, pooling=pooling)
     before = _hooks(encoder.model)
-    encoder._use_hooks = True  # force the forward-hook collection path
+    encoder.pool_in_hooks = False  # the fallback: states first, pooled afterwards...
+    encoder._use_hooks = True  # ...collected with forward hooks instead of hidden_states
     got = encoder.encode(TEXTS, pooling=pooling)
     assert _hooks(encoder.model) == before
     np.testing.assert_allclose(got, expected, atol=1e-6, rtol=0)  # GPT-2: final ln_f included
     subset = encoder.encode(TEXTS, pooling=pooling, layers=[3, 1])
     np.testing.assert_allclose(subset, expected[:, [3, 1]], atol=1e-6, rtol=0)
+
+
+# -- HFEncoder: pooling inside the forward pass (pool_in_hooks=True, the default) -----------------
+def _spy_forward(monkeypatch, encoder):
+    """Record the output_hidden_states argument of every call of the encoder's core model."""
+    calls = []
+    forward = encoder._core.forward
+
+    def spy(*args, **kwargs):
+        calls.append(kwargs.get("output_hidden_states"))
+        return forward(*args, **kwargs)
+
+    monkeypatch.setattr(encoder._core, "forward", spy)
+    return calls
+
+
+@pytest.mark.parametrize("pooling", ["mean", "cls", "last"])
+def test_pooling_in_hooks_equals_hidden_states_path(model_and_tokenizer, pooling):
+    model, tok = model_and_tokenizer
+    inside = HFEncoder(model, tok, batch_size=3, show_progress_bar=False)
+    outside = HFEncoder(model, tok, batch_size=3, show_progress_bar=False, pool_in_hooks=False)
+    assert inside.pool_in_hooks and not outside.pool_in_hooks
+    expected = outside.encode(TEXTS, pooling=pooling)  # installs transformers' capture hooks
+    before = _hooks(model)
+    got = inside.encode(TEXTS, pooling=pooling)
+    assert _hooks(model) == before
+    np.testing.assert_allclose(got, expected, atol=1e-6, rtol=0)
+    for layers in ([3, 1], [0], -1, [2, 2, 0]):  # subsets, one layer, repeats
+        expected_sub = outside.encode(TEXTS, pooling=pooling, layers=layers)
+        got_sub = inside.encode(TEXTS, pooling=pooling, layers=layers)
+        np.testing.assert_allclose(got_sub, expected_sub, atol=1e-6, rtol=0)
+    assert _hooks(model) == before
+
+
+def test_pooling_in_hooks_runs_without_hidden_states(encoder, monkeypatch):
+    calls = _spy_forward(monkeypatch, encoder)
+    encoder.encode(TEXTS)
+    assert calls and set(calls) == {False}  # one forward per batch, no hidden_states kept
+    calls.clear()
+    encoder.encode(TEXTS[:2], pooling="tokens")  # per-token states: the hidden_states path
+    assert set(calls) == {True}
+    calls.clear()
+    encoder.pool_in_hooks = False
+    encoder.encode(TEXTS[:2])
+    assert set(calls) == {True}
+
+
+def test_pooling_in_hooks_frees_each_layer(model_and_tokenizer):
+    """When block i runs, the output of block i - 2 is gone: one layer's states are alive."""
+    model, tok = model_and_tokenizer
+    layers = find_layer_modules(model, N_LAYERS)
+
+    def alive_while_running(pool_in_hooks):
+        refs, alive = {}, []
+
+        def watch(i):
+            def hook(module, args, output):
+                if i >= 2:
+                    alive.append(refs[i - 2]() is not None)
+                refs[i] = weakref.ref(first_tensor(output))
+
+            return hook
+
+        handles = [layer.register_forward_hook(watch(i)) for i, layer in enumerate(layers)]
+        try:
+            enc = HFEncoder(model, tok, batch_size=8, pool_in_hooks=pool_in_hooks)
+            enc.encode(TEXTS)
+        finally:
+            for handle in handles:
+                handle.remove()
+        return alive
+
+    assert alive_while_running(True) == [False] * (N_LAYERS - 2)
+    assert alive_while_running(False) == [True] * (N_LAYERS - 2)  # the test can see states
+
+
+def test_pooling_in_hooks_pools_only_wanted_layers(bert, monkeypatch):
+    model, tok = bert
+    enc = HFEncoder(model, tok, batch_size=8)
+    pooled = []
+    pool = hf._LayerPooler._pool
+
+    def spy(self, index, states):
+        pooled.append(index)
+        return pool(self, index, states)
+
+    monkeypatch.setattr(hf._LayerPooler, "_pool", spy)
+    enc.encode(TEXTS, layers=[2])
+    assert pooled == [2]
+    pooled.clear()
+    enc.encode(TEXTS, layers=[-1, 0])
+    assert sorted(pooled) == [0, N_LAYERS]
+    pooled.clear()
+    enc.encode(TEXTS)
+    assert sorted(pooled) == list(range(N_LAYERS + 1))
+
+
+class _BlockTwice(torch.nn.Module):
+    """A model that runs one of its blocks a second time after the forward pass."""
+
+    def __init__(self, inner, block=1):
+        super().__init__()
+        self.inner = inner
+        self.config = inner.config
+        self.block = block
+
+    def forward(self, output_hidden_states=None, **kwargs):
+        out = self.inner(**kwargs)
+        self.inner.encoder.layer[self.block](out.last_hidden_state)
+        return out
+
+
+def test_pooling_in_hooks_checks_n_layers_plus_one_states(bert):
+    model, tok = bert
+    before = _hooks(model)
+    enc = HFEncoder(_BlockTwice(model), tok)
+    with pytest.raises(RuntimeError, match=r"n_layers \+ 1 = 4.*2 \(2x\).*pool_in_hooks=False"):
+        enc.encode(TEXTS)
+    assert _hooks(model) == before  # hooks removed after the error
+    # The fallback reads the states the model reports (here: collected by hooks, last wins).
+    HFEncoder(_BlockTwice(model), tok, pool_in_hooks=False).encode(TEXTS)
+
+
+def test_pooling_in_hooks_removed_after_an_error(encoder):
+    expected = encoder.encode(TEXTS[:2])
+    before = _hooks(encoder.model)
+
+    def boom(module, args, output):
+        raise ValueError("boom in block 2")
+
+    handle = encoder._layers[1].register_forward_hook(boom)
+    try:
+        with pytest.raises(ValueError, match="boom"):
+            encoder.encode(TEXTS)
+    finally:
+        handle.remove()
+    assert _hooks(encoder.model) == before
+    np.testing.assert_allclose(encoder.encode(TEXTS[:2]), expected, atol=1e-6)
+
+
+def test_pooling_in_hooks_under_autocast_equals_hidden_states_path(bert, monkeypatch):
+    model, tok = bert
+    monkeypatch.setattr(hf, "_cpu_bf16", lambda: True)
+    inside = HFEncoder(model, tok, dtype="bfloat16").encode(TEXTS)
+    outside = HFEncoder(model, tok, dtype="bfloat16", pool_in_hooks=False).encode(TEXTS)
+    np.testing.assert_allclose(inside, outside, atol=1e-6, rtol=0)  # pooled in float32 both
 
 
 class _NoHiddenStates(torch.nn.Module):
@@ -287,6 +435,9 @@ def test_models_without_hidden_states_fall_back_to_hooks(bert):
     expected = HFEncoder(model, tok).encode(TEXTS)
     before = _hooks(model)
     enc = HFEncoder(_NoHiddenStates(model), tok)
+    np.testing.assert_allclose(enc.encode(TEXTS), expected, atol=1e-6, rtol=0)  # pooled in hooks
+    assert not enc._use_hooks  # never needed hidden_states
+    enc.pool_in_hooks = False  # states first: none returned, so collected with hooks
     np.testing.assert_allclose(enc.encode(TEXTS), expected, atol=1e-6, rtol=0)
     assert enc._use_hooks and _hooks(model) == before
 
@@ -305,9 +456,12 @@ class _PlainForward(torch.nn.Module):
 
 def test_models_without_output_hidden_states_argument_use_hooks(bert):
     model, tok = bert
+    expected = HFEncoder(model, tok).encode(TEXTS)
     enc = HFEncoder(_PlainForward(model), tok)
     assert enc._use_hooks
-    np.testing.assert_allclose(enc.encode(TEXTS), HFEncoder(model, tok).encode(TEXTS), atol=1e-6)
+    np.testing.assert_allclose(enc.encode(TEXTS), expected, atol=1e-6)
+    enc.pool_in_hooks = False
+    np.testing.assert_allclose(enc.encode(TEXTS), expected, atol=1e-6)
 
 
 def test_tokens_pooling(encoder):
@@ -347,11 +501,69 @@ def test_bfloat16_autocast_returns_float32_close_to_fp32(bert, monkeypatch):
     assert not np.array_equal(fp32, bf16)  # autocast really ran in bfloat16
 
 
+def _cosine(a, b):
+    return (a * b).sum(-1) / np.linalg.norm(a, axis=-1) / np.linalg.norm(b, axis=-1)
+
+
+@pytest.mark.parametrize("name", sorted(BUILDERS))
+def test_bfloat16_weights_close_to_fp32_per_layer(name, monkeypatch):
+    model, tok = BUILDERS[name]()
+    monkeypatch.setattr(hf, "_cpu_bf16", lambda: True)
+    fp32 = HFEncoder(model, tok).encode(TEXTS)  # moves the model to the device, in place
+    params = {k: (v.dtype, v.data_ptr()) for k, v in model.state_dict().items()}
+    enc = HFEncoder(model, tok, dtype="bfloat16", cast_weights=True)
+    assert enc.model is not model and enc.cast_weights and enc._autocast_dtype is None
+    assert {p.dtype for p in enc.model.parameters()} == {torch.bfloat16}
+    # the caller's model is untouched: same tensors, still float32
+    assert {k: (v.dtype, v.data_ptr()) for k, v in model.state_dict().items()} == params
+    for pooling in ("mean", "last"):
+        expected = (
+            fp32 if pooling == "mean" else HFEncoder(model, tok).encode(TEXTS, pooling=pooling)
+        )
+        got = enc.encode(TEXTS, pooling=pooling)
+        assert got.dtype == np.float32 and got.shape == expected.shape
+        per_layer = _cosine(got, expected).min(0)  # worst text, per layer
+        assert per_layer.min() >= 0.99, f"{name} {pooling}: cosine to fp32 per layer {per_layer}"
+        assert not np.array_equal(got, expected)  # really ran in bfloat16
+    np.testing.assert_allclose(HFEncoder(model, tok).encode(TEXTS), fp32, atol=1e-6)  # still fp32
+
+
+def test_bfloat16_weights_tied_and_non_float_tensors(monkeypatch):
+    model, tok = _gpt2()
+    monkeypatch.setattr(hf, "_cpu_bf16", lambda: True)
+    copy = hf._copy_in_dtype(model, torch.bfloat16)
+    assert copy.wte.weight.dtype == torch.bfloat16 and model.wte.weight.dtype == torch.float32
+    model, tok = _bert()
+    model.embeddings.word_embeddings.weight = model.embeddings.position_embeddings.weight  # tie
+    copy = hf._copy_in_dtype(model, torch.bfloat16)
+    emb = copy.embeddings
+    assert emb.word_embeddings.weight is emb.position_embeddings.weight  # still tied
+    assert emb.position_ids.dtype == torch.long  # integer buffers keep their dtype
+
+
+def test_bfloat16_weights_from_a_path_and_tokens(tmp_path, bert, monkeypatch):
+    model, tok = bert
+    monkeypatch.setattr(hf, "_cpu_bf16", lambda: True)
+    model.save_pretrained(tmp_path)
+    tok.save_pretrained(tmp_path)
+    enc = HFEncoder(str(tmp_path), dtype="bfloat16", cast_weights=True)
+    assert next(enc.model.parameters()).dtype == torch.bfloat16
+    out = enc.encode(TEXTS[:2], pooling="tokens")
+    assert all(s.dtype == np.float32 for s in out.states)
+    fp32 = HFEncoder(model, tok).encode(TEXTS[:2], pooling="tokens")
+    for a, b in zip(out.states, fp32.states, strict=True):
+        assert _cosine(a, b).min() >= 0.99
+    with pytest.raises(ValueError, match="cast_weights=True needs dtype"):
+        HFEncoder(model, tok, cast_weights=True)
+
+
 def test_bfloat16_on_a_cpu_without_it_warns(bert, monkeypatch):
     model, tok = bert
     monkeypatch.setattr(hf, "_cpu_bf16", lambda: False)
     with pytest.warns(UserWarning, match="slower"):
         HFEncoder(model, tok, dtype="bfloat16", device="cpu")
+    with pytest.warns(UserWarning, match="weights run emulated"):
+        HFEncoder(model, tok, dtype="bfloat16", device="cpu", cast_weights=True)
     with warnings.catch_warnings():
         warnings.simplefilter("error")
         HFEncoder(model, tok, device="cpu")  # float32: no warning

@@ -356,3 +356,46 @@ def test_weights_that_do_not_fit_bert_are_an_error(e5_file, tmp_path, monkeypatc
     monkeypatch.setattr(offline, "_state_dict", drop_one)
     with pytest.raises(ValueError, match=r"missing_keys.*encoder\.layer\.1\.output\.dense\.bias"):
         load_offline_encoder(cache_dir=tmp_path)
+
+
+def _cosine(a, b):
+    a, b = np.asarray(a, np.float64), np.asarray(b, np.float64)
+    return (a * b).sum(-1) / np.linalg.norm(a, axis=-1) / np.linalg.norm(b, axis=-1)
+
+
+@real
+@pytest.mark.parametrize("pooling", ["mean", "cls", "last"])
+def test_real_pooling_in_hooks_equals_hidden_states(e5, pooling):
+    texts = [text for pair in PAIRS for text in pair]  # 15 texts of different lengths
+
+    def encoder(**kwargs):
+        return HFEncoder(e5.model, e5.tokenizer, prefix=e5.prefix, batch_size=4,
+                         show_progress_bar=False, **kwargs)  # fmt: skip
+
+    inside, outside = encoder(), encoder(pool_in_hooks=False)
+    got = inside.encode(texts, pooling=pooling)
+    np.testing.assert_allclose(got, outside.encode(texts, pooling=pooling), atol=1e-6, rtol=0)
+    np.testing.assert_allclose(  # padding does not leak: the longest text alone, then batched
+        got[[0, 7]], inside.encode([texts[0], texts[7]], pooling=pooling), atol=1e-5, rtol=0
+    )
+    subset = inside.encode(texts, pooling=pooling, layers=[12, 6, 0])
+    np.testing.assert_allclose(subset, got[:, [12, 6, 0]], atol=1e-6, rtol=0)
+
+
+@real
+def test_real_bfloat16_weights_close_to_fp32_per_layer(e5, monkeypatch):
+    import torch
+
+    from posthoc_align.encoders import hf
+
+    monkeypatch.setattr(hf, "_cpu_bf16", lambda: True)  # emulated on CPUs without bf16: slow
+    texts = [pair[0] for pair in PAIRS] + [pair[1] for pair in PAIRS]
+    fp32 = e5.encode(texts)
+    for kwargs in ({}, {"cast_weights": True}):  # autocast, then bfloat16 weights
+        enc = HFEncoder(e5.model, e5.tokenizer, prefix=e5.prefix, dtype="bfloat16",
+                        show_progress_bar=False, **kwargs)  # fmt: skip
+        got = enc.encode(texts)
+        per_layer = _cosine(got, fp32).min(0)
+        assert got.dtype == np.float32 and per_layer.min() >= 0.999, (kwargs, per_layer)
+    assert next(e5.model.parameters()).dtype == torch.float32  # the e5 model was copied
+    np.testing.assert_array_equal(e5.encode(texts), fp32)

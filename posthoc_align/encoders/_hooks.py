@@ -1,15 +1,15 @@
 """Forward hooks on transformer blocks: find the blocks, read or replace their states.
 
-Two users: :class:`~posthoc_align.encoders.HFEncoder` collects hidden states with hooks when a
-model does not return ``hidden_states``, and
-:class:`~posthoc_align.encoders.AlignedEncoder` rewrites the states of one layer inside the model
-(``propagate=True``). Hidden state ``0`` is the input of the first block (the embedding output) and
+Two users: :class:`~posthoc_align.encoders.HFEncoder` pools every hidden state inside the
+forward pass (:func:`tapping`), or collects them (:func:`collecting`) when a model does not return
+``hidden_states``, and :class:`~posthoc_align.encoders.AlignedEncoder` rewrites the states of one
+layer inside the model (``propagate=True``). Hidden state ``0`` is the input of the first block (the embedding output) and
 hidden state ``i >= 1`` is the output of block ``i - 1``, as in ``transformers``.
 """
 
 from __future__ import annotations
 
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterable, Iterator
 from contextlib import contextmanager
 
 import torch
@@ -146,3 +146,67 @@ def collecting(layers: nn.ModuleList, wanted: list[int]) -> Iterator[dict[int, t
         for index in sorted(set(wanted)):
             handles.append(register_state_hook(layers, index, recorder(index)))
         yield store
+
+
+class StateTap:
+    """How often each hidden state's hook fired since :meth:`reset`; see :func:`tapping`."""
+
+    def __init__(self, n_states: int, owner: str) -> None:
+        self.counts = [0] * n_states
+        self.owner = owner
+
+    def reset(self) -> None:
+        self.counts = [0] * len(self.counts)
+
+    def check(self) -> None:
+        """Raise ``RuntimeError`` unless every hidden state was seen exactly once since ``reset``."""
+        bad = {i: c for i, c in enumerate(self.counts) if c != 1}
+        if bad:
+            n = len(self.counts)
+            raise RuntimeError(
+                f"the forward hooks on the {n - 1} transformer blocks of {self.owner} fired "
+                f"{sum(self.counts)} times in one forward pass, expected n_layers + 1 = {n} (once "
+                f"per hidden state); hidden states seen other than once: "
+                + ", ".join(f"{i} ({c}x)" for i, c in bad.items())
+                + ". This model does not run its blocks once each, in order; use "
+                "HFEncoder(..., pool_in_hooks=False) to read output_hidden_states instead"
+            )
+
+
+@contextmanager
+def tapping(
+    layers: nn.ModuleList,
+    wanted: Iterable[int],
+    fn: Callable[[int, torch.Tensor], None],
+    owner: str = "the model",
+) -> Iterator[StateTap]:
+    """Call ``fn(index, states)`` on each hidden state in ``wanted`` as the forward pass makes it.
+
+    Hooks go on every hidden state ``0..len(layers)`` (the input of block 0, then the output of
+    each block) and count how often they fire; only the ``wanted`` ones call ``fn``, so it can
+    reduce a state (pool it) while the next block runs, and no state outlives its block unless
+    ``fn`` keeps it. Call ``tap.reset()`` before and ``tap.check()`` after each forward pass.
+    Every hook is removed on exit, even on error. Hooks are appended, so states rewritten by
+    earlier (e.g. prepended) hooks are the ones seen.
+    """
+    tap = StateTap(len(layers) + 1, owner)
+    wanted = set(wanted)
+
+    def observer(index: int) -> Callable[[torch.Tensor], None]:
+        if index in wanted:
+
+            def observe(states: torch.Tensor) -> None:
+                tap.counts[index] += 1
+                fn(index, states)
+
+        else:
+
+            def observe(states: torch.Tensor) -> None:
+                tap.counts[index] += 1
+
+        return observe
+
+    with hooks_removed_after([]) as handles:
+        for index in range(len(layers) + 1):
+            handles.append(register_state_hook(layers, index, observer(index)))
+        yield tap

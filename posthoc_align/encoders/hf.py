@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import contextlib
+import copy
 import inspect
 import logging
 import os
@@ -15,7 +17,7 @@ import torch
 from tqdm.auto import tqdm
 
 from .._backend import backend_for, resolve_device
-from ._hooks import collecting, find_layer_modules, first_tensor
+from ._hooks import StateTap, collecting, find_layer_modules, first_tensor, tapping
 
 logger = logging.getLogger(__name__)
 
@@ -70,11 +72,28 @@ class HFEncoder:
         ``"auto"`` picks CUDA when available, else CPU. The model is moved there once, here.
     dtype : {None, "bfloat16", "float16"}, default=None
         ``None`` runs in float32; otherwise the forward pass runs under ``torch.autocast`` with
-        that dtype. The output is always float32.
+        that dtype (weights stay float32 and are cast at each matmul), or, with
+        ``cast_weights=True``, with the weights themselves in that dtype. The output is always
+        float32.
     prefix : str, optional
         Prepended to every text (E5 expects ``"query: "`` or ``"passage: "``).
     show_progress_bar : bool, optional
         ``None`` shows a progress bar when this module's logger is enabled at INFO.
+    cast_weights : bool, default=False
+        With ``dtype``: hold the weights in ``dtype`` and run without autocast (half the weight
+        memory, no per-call casts; LayerNorm, softmax and the residual stream then run in
+        ``dtype`` too, so results are a little further from float32 than with autocast). A
+        model object you pass is **not** modified: the encoder keeps a copy made directly in
+        ``dtype`` (no float32 copy), so ``encoder.model`` is then not your object, and your
+        model stays where it was. A model loaded from a name or path is cast in place.
+    pool_in_hooks : bool, default=True
+        For ``"mean"``, ``"cls"`` and ``"last"`` pooling, pool each hidden state inside the
+        forward pass with forward hooks, so only the current layer's token states are alive
+        (the model runs with ``output_hidden_states=False``). ``False`` reads every hidden
+        state from the model output first (``output_hidden_states=True``) and pools afterwards:
+        the fallback for a model whose blocks do not run once each, in order (the hooks check
+        that they fire ``n_layers + 1`` times per batch and raise ``RuntimeError`` otherwise).
+        ``"tokens"`` pooling always reads the full states.
 
     Attributes
     ----------
@@ -91,10 +110,24 @@ class HFEncoder:
     -----
     Texts are sorted by length (longest first) so batches carry little padding, and the results
     come back in the caller's order. Batches are padded on the right whatever the tokenizer's
-    ``padding_side``, so position ids stay correct for decoder-only models. Each layer is pooled
-    on the device inside the batch loop; only the requested layers of one batch are ever held.
-    Hidden states are read from the model output (``output_hidden_states=True``); when a model
-    does not return them, forward hooks on its blocks collect them instead.
+    ``padding_side``, so position ids stay correct for decoder-only models.
+
+    Pooled outputs (``"mean"``, ``"cls"``, ``"last"``) are computed inside the forward pass:
+    a forward pre-hook on the first transformer block (its input is the embedding output,
+    hidden state 0) and a forward hook on each block (hidden state ``i`` is the output of the
+    ``i``-th block) pool that state on the device, over the attention mask, into a preallocated
+    ``(batch, n_layers_selected, hidden)`` float32 tensor; layers not requested are not pooled.
+    The model runs with ``output_hidden_states=False``, so each block's token states are freed
+    once the next block has used them: a batch holds one layer's states, not ``n_layers + 1``
+    (e5-small, batch 64: peak RSS growth of ``EmbeddingCache.build`` on 3,000 Bible verses
+    503 MiB before, 205 MiB after). The last hidden state is the model's
+    ``last_hidden_state`` (after a final norm such as GPT-2's ``ln_f``), as ``transformers``'
+    ``hidden_states[-1]`` is. The hooks must fire exactly ``n_layers + 1`` times per batch
+    (``RuntimeError`` otherwise) and are removed on exit, even on error. Results equal the
+    ``pool_in_hooks=False`` path (``output_hidden_states=True``, then pooling; tested to 1e-6
+    on BERT, XLM-R, GPT-2 and e5). ``"tokens"`` pooling reads ``hidden_states`` from the model
+    output (or collects them with the same hooks when a model does not return them). Under
+    autocast, pooling itself runs in float32.
 
     Examples
     --------
@@ -115,6 +148,8 @@ class HFEncoder:
         dtype: str | torch.dtype | None = None,
         prefix: str | None = None,
         show_progress_bar: bool | None = None,
+        cast_weights: bool = False,
+        pool_in_hooks: bool = True,
     ) -> None:
         _check_pooling(pooling)
         if not isinstance(batch_size, int) or batch_size < 1:
@@ -124,16 +159,30 @@ class HFEncoder:
         if prefix is not None and not isinstance(prefix, str):
             raise TypeError(f"prefix must be a str or None, got {type(prefix).__name__}")
         self.device = _resolve_device(device)
-        self._autocast_dtype = _resolve_dtype(dtype)
-        if self._autocast_dtype is torch.bfloat16 and self.device.type == "cpu" and not _cpu_bf16():
+        run_dtype = _resolve_dtype(dtype)
+        if cast_weights and run_dtype is None:
+            raise ValueError(
+                "cast_weights=True needs dtype='bfloat16' or 'float16' (the dtype to cast to)"
+            )
+        self.cast_weights = bool(cast_weights)
+        self.pool_in_hooks = bool(pool_in_hooks)
+        self._autocast_dtype = None if cast_weights else run_dtype
+        if run_dtype is torch.bfloat16 and self.device.type == "cpu" and not _cpu_bf16():
             warnings.warn(
-                "this CPU has no native bfloat16 support (AVX-512-BF16/AMX): bfloat16 autocast is "
-                "emulated here and usually slower than dtype=None (float32)",
+                "this CPU has no native bfloat16 support (AVX-512-BF16/AMX): bfloat16 "
+                f"{'weights run' if cast_weights else 'autocast is'} emulated here and usually "
+                "slower than dtype=None (float32)",
                 stacklevel=2,
             )
         self.model, self.model_id = _load_model(model)
         self.tokenizer = _load_tokenizer(tokenizer, model)
-        self.model.float().to(self.device).eval()
+        if not cast_weights:
+            self.model.float()
+        elif isinstance(model, torch.nn.Module):
+            self.model = _copy_in_dtype(self.model, run_dtype)  # the caller's model is untouched
+        else:
+            self.model.to(run_dtype)  # loaded here: ours to cast
+        self.model.to(self.device).eval()
         self.pooling = pooling
         self.batch_size = batch_size
         self.max_length = max_length
@@ -147,6 +196,8 @@ class HFEncoder:
             "dtype": None if dtype is None else str(dtype).removeprefix("torch."),
             "prefix": prefix,
             "show_progress_bar": show_progress_bar,
+            "cast_weights": self.cast_weights,
+            "pool_in_hooks": self.pool_in_hooks,
         }
         self._core = getattr(self.model, "base_model", self.model)
         config = getattr(self.model, "config", None)
@@ -155,8 +206,11 @@ class HFEncoder:
         self.n_layers = int(n_layers if n_layers is not None else len(self._layers))
         self.hidden_size = int(getattr(config, "hidden_size", 0) or _probe_hidden_size(self._core))
         self._takes_token_types = _accepts(self._core, "token_type_ids")
+        self._takes_output_flag = _accepts(self._core, "output_hidden_states")
         # Collect states with hooks when the model cannot return them (set True to force it).
-        self._use_hooks = not _accepts(self._core, "output_hidden_states")
+        self._use_hooks = not self._takes_output_flag
+        # transformers' hidden_states[-1] is last_hidden_state unless the config says otherwise
+        self._last_from_output = getattr(config, "tie_last_hidden_states", None) is not False
 
     def __repr__(self) -> str:
         return f"{type(self).__name__}(model_id={self.model_id!r}, n_layers={self.n_layers}, hidden_size={self.hidden_size})"
@@ -247,6 +301,7 @@ class HFEncoder:
             dtype=self._autocast_dtype or torch.float32,
             enabled=self._autocast_dtype is not None,
         )
+        in_hooks = pooling != "tokens" and self.pool_in_hooks
         starts = range(0, len(texts), self.batch_size)
         # On a GPU, pooled batches stay on the device and come back in groups: no
         # per-batch synchronisation, so tokenising the next batch overlaps the GPU work
@@ -260,7 +315,12 @@ class HFEncoder:
                 out[rows] = torch.cat([p[1] for p in pending]).float().cpu().numpy()
                 pending.clear()
 
-        with torch.inference_mode(), autocast:
+        with torch.inference_mode(), contextlib.ExitStack() as stack:
+            if in_hooks:
+                pooler = _LayerPooler(self, pooling, wanted)
+                tap = stack.enter_context(
+                    tapping(self._layers, pooler.indices, pooler, type(self._core).__name__)
+                )
             for start in tqdm(starts, disable=not show, desc="encode", unit="batch"):
                 idx = order[start : start + self.batch_size]
                 batch_texts = [prefix + texts[i] for i in idx]
@@ -281,7 +341,17 @@ class HFEncoder:
                 mask = batch["attention_mask"]
                 if on_batch is not None:
                     on_batch(idx, mask)
-                states = self._hidden_states(batch, wanted, use_hooks or self._use_hooks)
+                if in_hooks:
+                    pooled = self._pooled_in_hooks(batch, pooler, tap, autocast)
+                    if on_gpu:
+                        pending.append((idx, pooled))
+                        if len(pending) >= _GPU_FLUSH_BATCHES:
+                            flush()
+                    else:
+                        out[idx] = pooled.numpy()
+                    continue
+                with autocast:
+                    states = self._hidden_states(batch, wanted, use_hooks or self._use_hooks)
                 if pooling == "tokens":
                     for row, i in enumerate(idx):
                         token_out[i] = self._token_states(
@@ -344,6 +414,27 @@ class HFEncoder:
                 batch["token_type_ids"][row, : len(x)] = torch.as_tensor(enc["token_type_ids"][row])
         return batch, enc.get("offset_mapping"), len(too_long)
 
+    def _pooled_in_hooks(
+        self,
+        batch: dict[str, torch.Tensor],
+        pooler: _LayerPooler,
+        tap: StateTap,
+        autocast: torch.autocast,
+    ) -> torch.Tensor:
+        """One forward pass with the pooling hooks: (batch, n_wanted, hidden) float32."""
+        pooler.start(batch["attention_mask"])
+        tap.reset()
+        kwargs = {"output_hidden_states": False} if self._takes_output_flag else {}
+        with autocast:
+            output = self._core(**batch, **kwargs)
+        tap.check()
+        last = None
+        if self._last_from_output:
+            last = _get(output, "last_hidden_state")
+            if last is None and isinstance(output, (torch.Tensor, tuple)):
+                last = first_tensor(output)
+        return pooler.finish(last)
+
     def _hidden_states(
         self, batch: dict[str, torch.Tensor], wanted: list[int], use_hooks: bool
     ) -> list[torch.Tensor]:
@@ -381,6 +472,76 @@ class HFEncoder:
         outside = (spans[:, 1] <= 0) | np.isin(np.asarray(ids), list(special))
         spans = np.where(outside[:, None], -1, np.maximum(spans, 0))
         return per_layer.float().cpu().numpy(), tokens, spans
+
+
+class _LayerPooler:
+    """Pools hidden states as the forward hooks hand them over (see :func:`._hooks.tapping`).
+
+    ``start(mask)`` before each batch prepares the mask-derived weights or token indices once and
+    allocates the ``(batch, n_wanted, hidden)`` float32 output on the device; each call
+    ``pooler(index, states)`` pools one hidden state into its column(s) and keeps no reference
+    to ``states``, except the last block's output, held until ``finish(last)`` pools the model's
+    ``last_hidden_state`` instead (or that output when ``last`` is None).
+    """
+
+    def __init__(self, encoder: HFEncoder, pooling: str, wanted: list[int]) -> None:
+        self.pooling = pooling
+        self.hidden_size = encoder.hidden_size
+        self.device = encoder.device
+        self.last_index = encoder.n_layers
+        self.columns: dict[int, list[int]] = {}
+        for column, index in enumerate(wanted):
+            self.columns.setdefault(index, []).append(column)
+        self.indices = sorted(self.columns)
+        self.n_wanted = len(wanted)
+        # pooling runs in float32 even inside an autocast region
+        self.no_autocast = (
+            torch.autocast(device_type=self.device.type, enabled=False)
+            if encoder._autocast_dtype is not None
+            else contextlib.nullcontext()
+        )
+        self.out: torch.Tensor | None = None
+        self.held: torch.Tensor | None = None
+
+    def start(self, mask: torch.Tensor) -> None:
+        rows = mask.shape[0]
+        self.out = torch.empty(
+            (rows, self.n_wanted, self.hidden_size), dtype=torch.float32, device=self.device
+        )
+        self.held = None
+        if self.pooling == "mean":  # the same arithmetic as _pool
+            self.weights = mask.to(torch.float32).unsqueeze(1)  # (batch, 1, tokens)
+            self.denominator = self.weights.sum(-1).clamp_min(1.0)  # (batch, 1)
+        else:
+            self.rows = torch.arange(rows, device=mask.device)
+            if self.pooling == "cls":
+                self.positions = mask.int().argmax(dim=1)  # first real token
+            else:  # "last": last real token
+                span = torch.arange(mask.shape[1], device=mask.device)
+                self.positions = (span * mask).argmax(dim=1)
+
+    def __call__(self, index: int, states: torch.Tensor) -> None:
+        if index == self.last_index:
+            self.held = states  # replaced by last_hidden_state in finish() when there is one
+            return
+        self._pool(index, states)
+
+    def _pool(self, index: int, states: torch.Tensor) -> None:
+        out, columns = self.out, self.columns[index]
+        with self.no_autocast:
+            if self.pooling == "mean":
+                summed = torch.bmm(self.weights, states.float()).squeeze(1)
+                torch.div(summed, self.denominator, out=out[:, columns[0]])
+            else:
+                out[:, columns[0]] = states[self.rows, self.positions]
+            for column in columns[1:]:
+                out[:, column] = out[:, columns[0]]
+
+    def finish(self, last: torch.Tensor | None) -> torch.Tensor:
+        if self.last_index in self.columns:
+            self._pool(self.last_index, last if last is not None else self.held)
+        out, self.out, self.held = self.out, None, None
+        return out
 
 
 # -- helpers --------------------------------------------------------------------------------------
@@ -431,6 +592,24 @@ def _cpu_bf16() -> bool:
         return bool(torch.ops.mkldnn._is_mkldnn_bf16_supported())
     except (AttributeError, RuntimeError):
         return True
+
+
+def _copy_in_dtype(model: torch.nn.Module, dtype: torch.dtype) -> torch.nn.Module:
+    """A deep copy of ``model`` with its floating-point parameters and buffers in ``dtype``.
+
+    Each floating tensor is converted straight into the copy (``deepcopy``'s memo maps it to its
+    converted version), so no float32 duplicate of the weights is ever made; tied weights stay
+    tied. ``model`` itself is not modified.
+    """
+    memo: dict[int, Any] = {}
+    for tensor in (*model.parameters(), *model.buffers()):
+        if id(tensor) in memo or not tensor.is_floating_point():
+            continue
+        new = tensor.detach().to(dtype, copy=True)
+        if isinstance(tensor, torch.nn.Parameter):
+            new = torch.nn.Parameter(new, requires_grad=tensor.requires_grad)
+        memo[id(tensor)] = new
+    return copy.deepcopy(model, memo)
 
 
 def _load_model(model: str | os.PathLike | torch.nn.Module) -> tuple[torch.nn.Module, str]:
