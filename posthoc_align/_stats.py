@@ -481,10 +481,15 @@ class _CodedRowStore:
     """Rows kept on the host until their partner arrives, addressed by id code.
 
     ``pos[code]`` is the row's position in the growing buffer ``rows`` (-1: none).
+    Rows are stored centred on a fixed vector, ``centre`` (float64, the value
+    subtracted exactly as the stored precision rounds it), chosen at the first
+    :meth:`add` — the language's running mean — so that products of stored rows
+    run on small, centred numbers (see :meth:`PairMoments._accumulate`).
     """
 
     def __init__(self) -> None:
         self.rows: torch.Tensor | None = None
+        self.centre: np.ndarray | None = None
         self.n = 0
         self.live = 0
         self.pos = np.zeros(0, dtype=np.int64)
@@ -496,19 +501,26 @@ class _CodedRowStore:
         out[ok] = self.pos[codes[ok]]
         return out
 
-    def add(self, T: torch.Tensor, rows: np.ndarray, codes: np.ndarray) -> None:
-        """Copy rows ``rows`` of ``T`` into the buffer under ``codes``."""
+    def add(self, T: torch.Tensor, rows: np.ndarray, codes: np.ndarray, centre: np.ndarray) -> None:
+        """Copy rows ``rows`` of ``T`` into the buffer under ``codes``, centred.
+
+        ``centre`` (float64) is used when the buffer is created; later rows are
+        centred on the same vector.
+        """
         k, d = len(rows), T.shape[1]
         if k == 0:
             return
         if self.rows is None:
-            self.rows = torch.empty((max(16, k), d), dtype=T.dtype)
+            cdt = compute_dtype(T.dtype)
+            self.rows = torch.empty((max(16, k), d), dtype=cdt)
+            self.centre = _rounded(centre, cdt)
         need = self.n + k
         if need > self.rows.shape[0]:
             grown = torch.empty((max(need, 2 * self.rows.shape[0]), d), dtype=self.rows.dtype)
             grown[: self.n] = self.rows[: self.n]
             self.rows = grown
-        _gather_rows(T, rows, self.rows[self.n : need])
+        block = _gather_rows(T, rows, self.rows[self.n : need])
+        block.sub_(torch.from_numpy(self.centre).to(block.dtype))
         top = int(codes.max()) + 1
         if top > self.pos.size:
             grown_pos = np.full(max(top, 2 * self.pos.size), -1, dtype=np.int64)
@@ -522,8 +534,38 @@ class _CodedRowStore:
         self.pos[codes] = -1
         self.live -= len(codes)
         if not self.live:  # everything consumed: release the memory
-            self.rows, self.n = None, 0
+            self.rows, self.centre, self.n = None, None, 0
             self.pos = np.zeros(0, dtype=np.int64)
+
+
+def _rounded(v: np.ndarray, dtype: torch.dtype) -> np.ndarray:
+    """``v`` rounded to ``dtype`` (float32 or float64), returned as exact float64."""
+    np_dtype = np.float32 if dtype == torch.float32 else np.float64
+    return np.asarray(v, dtype=np.float64).astype(np_dtype).astype(np.float64)
+
+
+def _factorize_ids(ids: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """``(sorted distinct ids, code of each row)``, like ``np.unique(ids,
+    return_inverse=True)``; integer ids in a range not much wider than their count
+    (the usual ``arange``-like sentence ids) take an O(n) table instead of a sort."""
+    if ids.dtype.kind in "iu" and ids.size:
+        lo, hi = int(ids.min()), int(ids.max())
+        if hi - lo <= 4 * ids.size and hi <= np.iinfo(np.int64).max:
+            present = np.zeros(hi - lo + 1, dtype=bool)
+            off = ids.astype(np.int64) - lo
+            present[off] = True
+            values = np.flatnonzero(present)
+            lut = np.cumsum(present, dtype=np.int64) - 1
+            return (values + lo).astype(ids.dtype, copy=False), lut[off]
+    values, inv = np.unique(ids, return_inverse=True)
+    return values, inv.reshape(-1).astype(np.int64, copy=False)
+
+
+def _has_repeats(key: np.ndarray, n_keys: int) -> bool:
+    """Whether the non-negative integer ``key`` (< ``n_keys``) holds a value twice."""
+    if n_keys <= 8 * key.size:
+        return bool((np.bincount(key, minlength=n_keys) > 1).any())
+    return np.unique(key).size < key.size
 
 
 class PairMoments:
@@ -536,8 +578,15 @@ class PairMoments:
         n_l = #pairs,  S_l = sum a' b'^T  (d x d),  sa_l = sum a',  sb_l = sum b'
 
     Partners may arrive in different batches: pivot rows are kept (host memory,
-    input precision) so later batches can match them, and rows whose pivot partner
-    has not arrived yet wait in a buffer.  :meth:`release` drops both.
+    input precision, centred on a fixed vector) so later batches can match them, and
+    rows whose pivot partner has not arrived yet wait in a buffer.  :meth:`release`
+    drops both.
+
+    Numerics (see :meth:`_accumulate`): blocks of :data:`BLOCK_ROWS` pairs are
+    multiplied in the input precision on rows centred near their language's mean
+    and added into float64 accumulators; the shift to the reference rows is a
+    float64 correction, so float32 rounding is relative to the rows' spread, not to
+    the languages' offsets, whatever the chunking of the stream.
     """
 
     def __init__(self, pivot: Hashable):
@@ -563,46 +612,82 @@ class PairMoments:
         dev: torch.device,
         src_a: torch.Tensor,
         idx_a: np.ndarray,
-        src_b: torch.Tensor,
-        idx_b: np.ndarray,
-        shift_a,
-        shift_b,
+        centre_a: np.ndarray,
+        stored_a: bool,
+        pos_b: np.ndarray,
+        shift_a: np.ndarray,
+        shift_b: np.ndarray,
+        work: dict,
     ) -> None:
-        """Add pairs (rows ``idx_a`` of ``src_a`` with rows ``idx_b`` of ``src_b``).
+        """Add pairs: rows ``idx_a`` of ``src_a`` with the pivot rows at ``pos_b``.
 
-        Rows are gathered block by block into two reusable buffers on ``dev`` (no
-        copy of all of a language's rows), shifted in place, and multiplied.
+        Compensated float32 (as in :class:`LanguageMoments`): the products run on
+        rows centred on a fixed vector near their language's mean, ``c_a`` and the
+        pivot store's ``c_b`` — ``src_a``'s rows already are when ``stored_a`` (a row
+        store), otherwise they are centred here, block by block — and with the
+        reference rows ``k_a``, ``k_b`` the float64 accumulators are corrected once
+        (``δ_a = c_a − k_a``, ``r_a = Σ(a − c_a)``, likewise for b)::
+
+            Σ(a−k_a)(b−k_b)ᵀ = Σ(a−c_a)(b−c_b)ᵀ + δ_a r_bᵀ + r_a δ_bᵀ + n δ_a δ_bᵀ
+
+        so the float32 rounding is relative to the spread of the rows, not to their
+        distance from the reference rows.  Pairs are taken in the order of their
+        pivot rows: where those are consecutive in the store (every pivot row has a
+        partner, as in a parallel corpus) a block is a view of the store, and its
+        sums are shared by all languages; only the ``a`` rows are gathered.  ``work``
+        (one per :meth:`update`) keeps those sums and the block buffers.
         """
+        piv = self._pivot_rows
         cdt = compute_dtype(src_a.dtype)
-        ka = torch.from_numpy(np.asarray(shift_a, dtype=np.float64)).to(dev)
-        kb = torch.from_numpy(np.asarray(shift_b, dtype=np.float64)).to(dev)
+        order = np.argsort(pos_b, kind="stable")
+        idx_a, pos_b = idx_a[order], pos_b[order]
+        if stored_a:
+            ca, sub = centre_a, None
+        else:
+            ca = _rounded(centre_a, cdt)
+            sub = torch.from_numpy(ca).to(dev, cdt)
         n, d = len(idx_a), src_a.shape[1]
         step = max(1, min(block_rows(BLOCK_ROWS, dev), n))
-        abuf = torch.empty((step, d), dtype=cdt, device=dev)
-        bbuf = torch.empty((step, d), dtype=cdt, device=dev)
-        Sb = torch.empty((d, d), dtype=cdt, device=dev)
+
+        def buffer(name: str, shape: tuple[int, ...]) -> torch.Tensor:
+            # reused by every language of the batch (fresh ones cost page faults)
+            buf = work.get((name, cdt))
+            if buf is None or buf.shape[0] < shape[0]:
+                buf = work[(name, cdt)] = torch.empty(shape, dtype=cdt, device=dev)
+            return buf
+
+        abuf = buffer("a", (step, d))
+        Sb = buffer("S", (d, d))
         S = torch.zeros((d, d), dtype=torch.float64, device=dev)
         sa = torch.zeros(d, dtype=torch.float64, device=dev)
         sb = torch.zeros(d, dtype=torch.float64, device=dev)
         for sl in row_blocks(n, step):
             a = _gather_rows(src_a, idx_a[sl], abuf)
-            b = _gather_rows(src_b, idx_b[sl], bbuf)
-            # compensated float32 (as in LanguageMoments): the GEMM runs on the block
-            # centred on its means ma, mb; with the reference rows ka, kb, in float64
-            # (da = ma − ka, ra = Σ(a−ma), likewise for b)
-            #   Σ(a−ka)(b−kb)ᵀ = Σ(a−ma)(b−mb)ᵀ + da rbᵀ + ra dbᵀ + n da dbᵀ
-            # block sums in the block's precision (torch's float64-accumulating sum of
-            # float32 is ~50x slower)
-            ma, mb = a.mean(0), b.mean(0)
-            a.sub_(ma)
-            b.sub_(mb)
-            da, db = ma.to(torch.float64) - ka, mb.to(torch.float64) - kb
-            ra, rb = a.sum(0).to(torch.float64), b.sum(0).to(torch.float64)
-            m = a.shape[0]
+            if sub is not None:
+                a.sub_(sub)
+            p = pos_b[sl]
+            m, lo = len(p), int(p[0])
+            if int(p[-1]) - lo == m - 1:  # sorted distinct positions: consecutive rows
+                b = piv.rows[lo : lo + m]
+                if b.dtype != cdt or b.device != dev:
+                    b = buffer("b", (step, d))[:m].copy_(b)
+                key = ("sum", lo, m, cdt)
+                rb = work.get(key)
+                if rb is None:
+                    rb = work[key] = b.sum(0).to(torch.float64)
+            else:
+                b = _gather_rows(piv.rows, p, buffer("b", (step, d)))
+                rb = b.sum(0).to(torch.float64)
+            # block products and sums in the block's precision (torch's
+            # float64-accumulating sum of float32 is ~50x slower), added in float64
             S += torch.mm(a.T, b, out=Sb)
-            S += torch.outer(da, rb) + torch.outer(ra, db) + m * torch.outer(da, db)
-            sa += m * da + ra
-            sb += m * db + rb
+            sa += a.sum(0).to(torch.float64)
+            sb += rb
+        da = torch.from_numpy(ca - shift_a).to(dev)
+        db = torch.from_numpy(piv.centre - shift_b).to(dev)
+        S += torch.outer(da, sb + n * db) + torch.outer(sa, db)
+        sa += n * da
+        sb += n * db
         if lab not in self.S:
             self.S[lab] = np.zeros((d, d))
             self.sa[lab] = np.zeros(d)
@@ -632,12 +717,11 @@ class PairMoments:
                 "start with partial_fit() instead of fit()"
             )
         lab_list = _labels_list(labels)
-        pid_labels, pid_codes = np.unique(pair_ids, return_inverse=True)
-        pid_codes = pid_codes.reshape(-1).astype(np.int64, copy=False)
+        pid_labels, pid_codes = _factorize_ids(pair_ids)
         codes = np.asarray(codes, dtype=np.int64)
         key = codes * len(pid_labels) + pid_codes
-        uniq, first, cnt = np.unique(key, return_index=True, return_counts=True)
-        if (cnt > 1).any():
+        if len(key) and _has_repeats(key, len(lab_list) * len(pid_labels)):
+            uniq, first, cnt = np.unique(key, return_index=True, return_counts=True)
             bad = first[np.argmax(cnt > 1)]
             raise ValueError(
                 f"pair_id {pair_ids[bad]!r} occurs {cnt.max()} times in language "
@@ -651,6 +735,9 @@ class PairMoments:
         bounds = np.searchsorted(codes[order], np.arange(len(lab_list) + 1))
         dev = T.device
         piv_code = lab_list.index(self.pivot) if self.pivot in lab_list else -1
+        # the centres of the rows: running means, this batch included
+        means = shifts.shift + shifts.sums / np.maximum(shifts.counts, 1)[:, None]
+        work: dict = {}  # block buffers and pivot-block sums, shared by the languages
         if piv_code >= 0:
             prow = order[bounds[piv_code] : bounds[piv_code + 1]]
             u = pid_codes[prow]
@@ -663,7 +750,7 @@ class PairMoments:
                     "be unique within a language."
                 )
             g = self._register(gid, u, id_values)
-            self._pivot_rows.add(T, prow, g)
+            self._pivot_rows.add(T, prow, g, means[shifts.index[self.pivot]])
             # rows from earlier batches that were waiting for these pivot rows
             for lab, store in self._pending.items():
                 if not store.live:
@@ -678,10 +765,12 @@ class PairMoments:
                         dev,
                         store.rows,
                         ppos[waiting],
-                        self._pivot_rows.rows,
+                        store.centre,
+                        True,
                         self._pivot_rows.pos[gw],
                         shifts.shift[i_l],
                         shifts.shift[i_p],
+                        work,
                     )
                     store.remove(gw)
         for c, lab in enumerate(lab_list):
@@ -710,17 +799,19 @@ class PairMoments:
                     dev,
                     T,
                     rows[hit],
-                    self._pivot_rows.rows,
+                    means[i_l],
+                    False,
                     pos[hit],
                     shifts.shift[i_l],
                     shifts.shift[i_p],
+                    work,
                 )
             if not hit.all():
                 miss = ~hit
                 gm = self._register(gid, u[miss], id_values)
                 if store is None:
                     store = self._pending[lab] = _CodedRowStore()
-                store.add(T, rows[miss], gm)
+                store.add(T, rows[miss], gm, means[shifts.index[lab]])
         return self
 
     def _register(self, gid: np.ndarray, u: np.ndarray, id_values: list) -> np.ndarray:
@@ -769,7 +860,8 @@ class PairMoments:
         S, sa, sb, n = self.S[lab], self.sa[lab], self.sb[lab], self.count[lab]
         ma = -shift_a if mean_a is None else mean_a - shift_a
         mb = -shift_b if mean_b is None else mean_b - shift_b
-        return S - np.outer(ma, sb) - np.outer(sa, mb) + n * np.outer(ma, mb)
+        # S − ma sbᵀ − sa mbᵀ + n ma mbᵀ, as two outer products
+        return S - np.outer(ma, sb - n * mb) - np.outer(sa, mb)
 
     def state(self) -> tuple[dict[str, Any], dict[str, np.ndarray]]:
         labs = list(self.S)

@@ -45,7 +45,10 @@ def orthogonal_map(cross: np.ndarray, device: Any = "cpu") -> np.ndarray:
         # for a 768 x 768 matrix on one thread
         w, V = np.linalg.eigh(C.T @ C)
         if w.size and w[0] > 1e-8 * w[-1] > 0:
-            return ((C @ V) * (1.0 / np.sqrt(w))) @ V.T
+            # (CᵀC)^{-1/2} = M Mᵀ with M = V diag(w^{-1/4}): a second symmetric
+            # rank-k product instead of a GEMM (numpy runs ``M @ M.T`` as syrk)
+            M = V * w**-0.25
+            return C @ (M @ M.T)
         U, _, Vh = torch.linalg.svd(torch.from_numpy(C), full_matrices=False)
         return (U @ Vh).numpy()
     Ct = torch.from_numpy(C).to(device)
@@ -54,6 +57,35 @@ def orthogonal_map(cross: np.ndarray, device: Any = "cpu") -> np.ndarray:
         return (Ct @ ((V * w.rsqrt()) @ V.T)).cpu().numpy()
     U, _, Vh = torch.linalg.svd(Ct, full_matrices=False)
     return (U @ Vh).cpu().numpy()
+
+
+#: Smallest dimension whose d×d solves run side by side (below it, thread start-up
+#: and the BLAS thread switch cost more than they save).
+PARALLEL_SOLVE_DIM = 128
+
+
+def for_each_solve(solve, items: list, device: Any, d: int) -> None:
+    """``solve(item)`` for every item: one d×d orthogonal map each.
+
+    On the CPU with more than one thread allowed (``torch.get_num_threads()``),
+    the solves run side by side, each with one BLAS thread, as scikit-learn's
+    KMeans does: LAPACK's symmetric eigensolver (whose tridiagonal reduction is
+    memory-bound) gains little from threads at these sizes, so ``t`` solves at
+    once on ``t`` threads beat ``t`` threads inside each solve (7 maps at
+    d = 768, 2 threads: ~1.2 s → ~0.9 s).  Each item's result is the same as a
+    single-threaded solve of it.
+    """
+    workers = min(torch.get_num_threads(), len(items))
+    if torch.device(device).type != "cpu" or workers < 2 or d < PARALLEL_SOLVE_DIM:
+        for item in items:
+            solve(item)
+        return
+    from concurrent.futures import ThreadPoolExecutor
+
+    from threadpoolctl import threadpool_limits
+
+    with threadpool_limits(limits=1, user_api="blas"), ThreadPoolExecutor(workers) as ex:
+        list(ex.map(solve, items))
 
 
 def rotate_by_language(est, X, languages, *, skip, not_ready, not_ready_message, out=None):
@@ -224,16 +256,24 @@ class ProcrustesAligner(LanguageTransformerMixin):
         means = m.means()
         self.means_ = means[order]
         d = means.shape[1]
-        rot = np.tile(np.eye(d), (len(m.labels), 1, 1))
+        # every entry is written below (a tiled identity is one more pass over L·d²)
+        rot = np.empty((len(m.labels), d, d))
         self.n_pairs_ = {}
         unpaired = []
-        for lab in self.languages_.tolist():
-            if lab == self.pivot:
+        todo = []
+        for k, lab in enumerate(self.languages_.tolist()):
+            if lab == self.pivot or lab not in p.S:
+                rot[k] = np.eye(d)
+                if lab != self.pivot:
+                    unpaired.append(lab)
                 continue
-            if lab not in p.S:
-                unpaired.append(lab)
-                continue
-            i, ip = m.index[lab], m.index[self.pivot]
+            todo.append((k, lab))
+            self.n_pairs_[lab] = int(p.count[lab])
+        ip = m.index[self.pivot] if todo else -1
+
+        def solve(item: tuple[int, Hashable]) -> None:
+            k, lab = item
+            i = m.index[lab]
             C = p.cross_covariance(
                 lab,
                 means[i] if self.center else None,
@@ -241,8 +281,9 @@ class ProcrustesAligner(LanguageTransformerMixin):
                 m.shift[i],
                 m.shift[ip],
             )
-            rot[int(np.flatnonzero(self.languages_ == lab)[0])] = orthogonal_map(C, dev)
-            self.n_pairs_[lab] = int(p.count[lab])
+            rot[k] = orthogonal_map(C, dev)
+
+        for_each_solve(solve, todo, dev, d)
         self.rotations_ = rot
         self.unpaired_languages_ = unpaired
 
