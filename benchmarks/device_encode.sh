@@ -17,6 +17,7 @@
 #      weights (cast_weights=True), with each one's cosine to fp32 per layer;
 #   2. the same on the CPU, batch 32, all cores, 500 texts;
 #   3. tests/test_encoders.py on CUDA (the tiny BERT/XLM-R/GPT-2 tests, hooks included).
+# Shorter runs: BUDGET (s), N_GPU, N_CPU, GPU_BATCHES, VARIANTS, REPEATS, GPU_CAP, CPU_CAP.
 set -u
 cd "$(dirname "$0")/.."
 START=$SECONDS
@@ -36,7 +37,8 @@ if [ "$SMOKE" = 1 ]; then
     N_GPU=16; N_CPU=12; GPU_BATCHES=4,8; CPU_BATCH=4; REPEATS=1
     CPU_THREADS=${CPU_THREADS:-1}; TEST_ARGS=(-k "pooling_in_hooks or bfloat16")
 else
-    N_GPU=1000; N_CPU=500; GPU_BATCHES=32,256; CPU_BATCH=32; REPEATS=2
+    N_GPU=${N_GPU:-1000}; N_CPU=${N_CPU:-500}; GPU_BATCHES=${GPU_BATCHES:-32,256}; CPU_BATCH=32
+    REPEATS=${REPEATS:-2}
     CPU_THREADS=${CPU_THREADS:-$(nproc)}; TEST_ARGS=()
 fi
 
@@ -85,16 +87,16 @@ step() {  # step NAME CAP_SECONDS COMMAND...: run with min(CAP, time left), log 
 
 HAS_CUDA=$(python -c 'import torch; print(int(torch.cuda.is_available()))' 2>/dev/null || echo 0)
 BENCH=(python benchmarks/bench_encode.py --e5-file "$E5_FILE" --texts "$TEXTS"
-       --variants st,fp32,fp32-hs,bf16-autocast,bf16-weights --repeats "$REPEATS"
+       --variants "${VARIANTS:-st,fp32,fp32-hs,bf16-autocast,bf16-weights}" --repeats "$REPEATS"
        --markdown "$MD")
 
 if [ "$HAS_CUDA" = 1 ]; then
-    step "encode, cuda, batches $GPU_BATCHES" 110 "${BENCH[@]}" --device cuda \
+    step "encode, cuda, batches $GPU_BATCHES" "${GPU_CAP:-110}" "${BENCH[@]}" --device cuda \
         --batch-size "$GPU_BATCHES" --n "$N_GPU" --json "$OUT/encode_cuda.json"
 else
     echo "- no CUDA device visible to torch: GPU runs skipped" | tee -a "$MD"
 fi
-step "encode, cpu, batch $CPU_BATCH, $CPU_THREADS threads" 90 "${BENCH[@]}" --device cpu \
+step "encode, cpu, batch $CPU_BATCH, $CPU_THREADS threads" "${CPU_CAP:-90}" "${BENCH[@]}" --device cpu \
     --batch-size "$CPU_BATCH" --n "$N_CPU" --threads "$CPU_THREADS" --json "$OUT/encode_cpu.json"
 step "pytest tests/test_encoders.py (device auto: $([ "$HAS_CUDA" = 1 ] && echo cuda || echo cpu))" 70 \
     python -m pytest -q -p no:cacheprovider tests/test_encoders.py "${TEST_ARGS[@]}"
