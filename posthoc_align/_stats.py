@@ -191,26 +191,24 @@ class LanguageMoments:
         shift = torch.from_numpy(self.shift).to(dev, cdt)
         shared = bool((self.shift == self.shift[0]).all())  # one reference row for all
         shift0 = shift[0]
-        shift64 = torch.from_numpy(self.shift).to(dev)
         acc_s = torch.zeros((L, d), dtype=torch.float64, device=dev)
         acc_q = torch.zeros_like(acc_s) if self.second_moments else None
         runs = _runs(gcodes)
         if runs is not None:
             self._sum_runs(T, runs, cdt, acc_s, acc_q)
             return self._commit(T, gcodes, acc_s, acc_q, name)
-        bs = torch.empty((L, d), dtype=cdt, device=dev)
         comp = self.compensated or acc_q is not None
-        raw_sums = not comp and shared  # plain first moments: no shift pass needed
+        if comp:
+            self._sum_centred(T, g, gcodes, cdt, acc_s, acc_q)
+            return self._commit(T, gcodes, acc_s, acc_q, name)
+        bs = torch.empty((L, d), dtype=cdt, device=dev)
+        raw_sums = shared  # plain first moments: no shift pass needed
         # blocks of SUM_BLOCK rows: the shifted block stays in cache between the
         # subtraction, the two segmented sums and the squaring (4096-row blocks spilled)
         step = min(block_rows(SUM_BLOCK, dev), n)
         xbuf = torch.empty((step, d), dtype=cdt, device=dev)
-        if not shared or comp:
+        if not shared:
             gbuf = torch.empty((step, d), dtype=cdt, device=dev)
-        if comp:
-            rs = torch.empty((L, d), dtype=cdt, device=dev)
-        if acc_q is not None:
-            qs = torch.empty((L, d), dtype=cdt, device=dev)
         for sl in row_blocks(n, step):
             gb = g[sl]
             src = T[sl]
@@ -229,27 +227,6 @@ class LanguageMoments:
             if src.dtype != cdt:
                 src = src.to(cdt)
             k = sl.stop - sl.start
-            if comp:
-                # compensated float32: each language's rows of the block are centred on
-                # their block mean m (in cache), the small residuals summed, and with
-                # the reference row s, in float64,
-                #   Σ(x−s) = n(m−s) + Σ(x−m),  Σ(x−s)² = Σ(x−m)² + 2(m−s)Σ(x−m) + n(m−s)²
-                # so the float32 rounding is relative to the spread, not to |x−s|
-                bs.zero_().index_add_(0, gb, src)
-                cnt = torch.bincount(gb, minlength=L)
-                m = bs / cnt.clamp_min(1).to(cdt)[:, None]
-                gs = gbuf[:k]
-                torch.index_select(m, 0, gb, out=gs)
-                torch.sub(src, gs, out=xs)
-                rs.zero_().index_add_(0, gb, xs)
-                dm = m.to(torch.float64) - shift64
-                c64, r64 = cnt.to(torch.float64)[:, None], rs.to(torch.float64)
-                acc_s += c64 * dm + r64
-                if acc_q is not None:
-                    xs.mul_(xs)
-                    qs.zero_().index_add_(0, gb, xs)
-                    acc_q += qs + dm * (2.0 * r64 + c64 * dm)
-                continue
             if shared:
                 torch.sub(src, shift0, out=xs)
             else:
@@ -262,6 +239,64 @@ class LanguageMoments:
             n_batch = torch.from_numpy(np.bincount(gcodes, minlength=L).astype(np.float64))
             acc_s -= n_batch.to(dev)[:, None] * torch.from_numpy(self.shift).to(dev)
         return self._commit(T, gcodes, acc_s, acc_q, name)
+
+    def _sum_centred(self, T, g, gcodes, cdt, acc_s, acc_q) -> None:
+        """Compensated sums of shuffled rows: each row centred on a fixed vector near its
+        language's mean.
+
+        The centre c of a language is its running mean (from earlier batches), or, for a
+        language new to the stream, the mean of its rows in the first block it appears in;
+        c is rounded to the input precision and used exactly. Per block: one gather of the
+        centres, one subtraction and one ``index_add_`` (two with second moments, after
+        squaring in place), all in cache. The float32 rounding is then relative to the
+        spread of the data, not to its mean, and with the reference row s, once per batch
+        in float64: ``Σ(x−s) = Σ(x−c) + n(c−s)`` and
+        ``Σ(x−s)² = Σ(x−c)² + 2(c−s)Σ(x−c) + n(c−s)²``.
+        """
+        dev = T.device
+        n, d = T.shape
+        L = len(self.labels)
+        seen = self.counts[:L] if self.counts.shape[0] >= L else np.zeros(L)
+        have = np.zeros(L, dtype=bool)
+        have[: seen.shape[0]] = seen > 0
+        centre = np.zeros((L, d))
+        if have.any():
+            known = have.nonzero()[0]
+            centre[known] = self.shift[known] + self.sums[known] / self.counts[known, None]
+        c = torch.from_numpy(centre).to(dev, cdt)  # rounded to the input precision ...
+        step = min(block_rows(SUM_BLOCK, dev), n)
+        xbuf = torch.empty((step, d), dtype=cdt, device=dev)
+        gbuf = torch.empty((step, d), dtype=cdt, device=dev)
+        rs = torch.empty((L, d), dtype=cdt, device=dev)
+        qs = torch.empty((L, d), dtype=cdt, device=dev) if acc_q is not None else None
+        acc_r = torch.zeros((L, d), dtype=torch.float64, device=dev)  # Σ(x−c)
+        acc_rr = torch.zeros_like(acc_r) if acc_q is not None else None  # Σ(x−c)²
+        for sl in row_blocks(n, step):
+            k = sl.stop - sl.start
+            gb = g[sl]
+            src = T[sl] if T.dtype == cdt else T[sl].to(cdt)
+            if not have.all():
+                cnt = np.bincount(gcodes[sl], minlength=L)
+                new = (cnt > 0) & ~have
+                if new.any():  # centres of languages first met in this block
+                    bsum = torch.zeros((L, d), dtype=cdt, device=dev).index_add_(0, gb, src)
+                    idx = torch.from_numpy(new.nonzero()[0]).to(dev)
+                    w = torch.from_numpy(cnt[new].astype(np.float64)).to(dev, cdt)
+                    c[idx] = bsum[idx] / w[:, None]
+                    have |= new
+            xs = torch.sub(src, torch.index_select(c, 0, gb, out=gbuf[:k]), out=xbuf[:k])
+            rs.zero_().index_add_(0, gb, xs)
+            acc_r += rs
+            if acc_q is not None:
+                xs.mul_(xs)
+                qs.zero_().index_add_(0, gb, xs)
+                acc_rr += qs
+        # ... and used exactly: the corrections are formed in float64 from c's values
+        n_l = torch.from_numpy(np.bincount(gcodes, minlength=L).astype(np.float64)).to(dev)
+        dm = c.to(torch.float64) - torch.from_numpy(self.shift).to(dev)
+        acc_s += acc_r + n_l[:, None] * dm
+        if acc_q is not None:
+            acc_q += acc_rr + dm * (2.0 * acc_r + n_l[:, None] * dm)
 
     def _commit(self, T, gcodes, acc_s, acc_q, name) -> LanguageMoments:
         if not bool(torch.isfinite(acc_s).all()) or (
