@@ -19,11 +19,13 @@ sums of squares and cross-products do not lose precision to large means (the
 "shifted data" algorithm; Chan, Golub & LeVeque 1983).  float64 input is float64 throughout (agreement with a two-pass float64
 computation ~1e-12 relative).  float32 input: first-moment-only sums (centring,
 LSAR) are float32 block sums, ~1e-6 relative to the values' magnitude; with second
-moments (standardisation) each language's block rows are re-centred on their block
-mean m and ``Σy = n·m + Σ(y−m)``, ``Σy² = Σ(y−m)² + 2m·Σ(y−m) + n·m²`` are formed
-in float64 (compensated float32: rounding relative to the spread, not to the mean;
-~1e-6 relative on variances, ~1e-7 on means), whatever the chunking of the stream
-and on CPU or GPU alike.  Pass float64 arrays when more is needed.
+moments (standardisation) rows are centred near their language's mean m before the
+float32 reductions — on a fixed per-language centre (the running mean, or the mean of
+the language's first block; :meth:`LanguageMoments._sum_centred`) for shuffled rows, on
+each block's own mean for rows grouped by language — and ``Σy = n·m + Σ(y−m)``,
+``Σy² = Σ(y−m)² + 2m·Σ(y−m) + n·m²`` are formed in float64 (compensated float32:
+rounding relative to the spread, not to the mean; ~1e-7 relative on variances and
+means), whatever the chunking of the stream and on CPU or GPU alike.  Pass float64 arrays when more is needed.
 
 No method logic lives here: closed forms are in the file named after the method.
 """
