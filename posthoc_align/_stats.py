@@ -38,6 +38,7 @@ from typing import Any
 import numpy as np
 import torch
 
+from . import _kernels
 from ._backend import block_rows, compute_dtype
 from ._validation import raise_non_finite
 
@@ -186,6 +187,10 @@ class LanguageMoments:
                 f"{self.sums.shape[1]}; every batch must have the same number of columns."
             )
         gcodes = self._global_codes(T, labels, codes)
+        if _kernels.usable(T):  # one fused pass, float64 terms (CPU)
+            S, Q = _kernels.language_moments(T, gcodes, self.shift, second=self.second_moments)
+            acc_q = None if Q is None else torch.from_numpy(Q)
+            return self._commit(T, gcodes, torch.from_numpy(S), acc_q, name)
         L = len(self.labels)
         dev, cdt = T.device, compute_dtype(T.dtype)
         n, d = T.shape

@@ -14,17 +14,28 @@ def rng():
 
 
 def _backends():
-    out = ["numpy"]
-    out.append("torch")
+    out = ["numpy", "torch"]
+    out.append("numpy-torch-kernels")  # CPU with the numba loops off: the torch kernels
     if torch.cuda.is_available():
         out.append("cuda")
     return out
 
 
+@pytest.fixture(params=["loops", "torch"])
+def kernels(request, monkeypatch):
+    """Run a test with the numba CPU loops (when installed) and with the torch kernels."""
+    if request.param == "torch":
+        monkeypatch.setenv("POSTHOC_ALIGN_NUMBA", "0")
+    return request.param
+
+
 @pytest.fixture(params=_backends())
-def to_backend(request):
+def to_backend(request, monkeypatch):
     """Convert a numpy array to the backend under test; returns (convert, to_numpy)."""
     kind = request.param
+    if kind == "numpy-torch-kernels":
+        monkeypatch.setenv("POSTHOC_ALIGN_NUMBA", "0")
+        kind = "numpy"
 
     def convert(a):
         if kind == "numpy":

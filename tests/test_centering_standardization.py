@@ -3,7 +3,7 @@
 import numpy as np
 import pytest
 import torch
-from hypothesis import given, settings
+from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 from hypothesis.extra.numpy import arrays
 
@@ -151,7 +151,10 @@ def test_bad_input_messages(Est, rng):
 chunkings = st.lists(st.integers(min_value=1, max_value=40), min_size=1, max_size=8)
 
 
-@settings(max_examples=30, deadline=None)
+@pytest.mark.usefixtures("kernels")
+@settings(
+    max_examples=30, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture]
+)
 @given(
     X=arrays(np.float64, (60, 4), elements=st.floats(-1e3, 1e3, allow_nan=False)),
     cuts=chunkings,
@@ -187,6 +190,7 @@ def test_centering_translation_invariant(shift, seed):
     np.testing.assert_allclose(Z1, Z2, atol=1e-9 * (1 + abs(shift)))
 
 
+@pytest.mark.usefixtures("kernels")
 def test_float32_large_mean_precision(rng):
     """Shifted sums keep float32 variances accurate under a large mean (1e4 vs std 1):
     without the shift, float32 sums of squares would lose everything."""
@@ -198,6 +202,7 @@ def test_float32_large_mean_precision(rng):
     np.testing.assert_allclose(est64.vars_[0], ref, rtol=1e-10)
 
 
+@pytest.mark.usefixtures("kernels")
 def test_nan_batch_leaves_moments_untouched(rng):
     X = rng.normal(size=(20, 3))
     est = LanguageMeanCentering().partial_fit(X[:10], languages=["a"] * 10)
@@ -211,6 +216,7 @@ def test_nan_batch_leaves_moments_untouched(rng):
     np.testing.assert_array_equal(est.counts_, [10, 10])
 
 
+@pytest.mark.usefixtures("kernels")
 def test_out_kernels_write_into_views(rng):
     """affine_by_language / project_out with out= (a strided layer view) and rotations."""
     from posthoc_align._apply import affine_by_language, project_out
@@ -250,6 +256,7 @@ def test_out_kernels_write_into_views(rng):
         affine_by_language(bad, g, shift=shift, rotations=R)
 
 
+@pytest.mark.usefixtures("kernels")
 def test_standardizer_strided_and_many_languages(rng):
     """Segmented sums from a strided view (a layer of a stack) and > block rows."""
     X3 = rng.normal(size=(5000, 3, 4)) * 10 + 100
@@ -264,6 +271,7 @@ def test_standardizer_strided_and_many_languages(rng):
             np.testing.assert_allclose(est.vars_[i], Xl[L == lab].var(0), rtol=1e-9)
 
 
+@pytest.mark.usefixtures("kernels")
 @pytest.mark.parametrize("offset", [0.0, 50.0])
 def test_float32_statistics_are_compensated(offset):
     """float32 input: variances and means close to a float64 fit of the same numbers,
@@ -287,6 +295,7 @@ def test_float32_statistics_are_compensated(offset):
     assert np.abs(w32 - w64).max() < 1e-5 * np.abs(w64).max()
 
 
+@pytest.mark.usefixtures("kernels")
 @pytest.mark.parametrize("second", [False, True])
 def test_grouped_rows_path_equals_segmented_path(second):
     """Rows in long language runs take contiguous reductions; shuffled rows take
@@ -321,6 +330,7 @@ def test_grouped_rows_path_equals_segmented_path(second):
         np.testing.assert_allclose(m64.variances(), ref.variances(), rtol=1e-10)
 
 
+@pytest.mark.usefixtures("kernels")
 @pytest.mark.parametrize("cls", [LanguageMeanCentering, LanguageStandardizer])
 def test_transform_grouped_rows_path_equals_shuffled(cls):
     """Grouped rows are transformed run by run (broadcast vectors), shuffled rows by

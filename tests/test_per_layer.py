@@ -35,6 +35,7 @@ def _learned(est) -> dict:
     return {k: v for k, v in vars(est).items() if k.endswith("_") and not k.startswith("_")}
 
 
+@pytest.mark.usefixtures("kernels")
 @pytest.mark.parametrize("est", ESTIMATORS, ids=repr)
 @pytest.mark.parametrize("layers", LAYERS, ids=str)
 def test_fused_fit_equals_per_layer_fits(est, layers):
@@ -48,6 +49,7 @@ def test_fused_fit_equals_per_layer_fits(est, layers):
             np.testing.assert_array_equal(np.asarray(got[k]), np.asarray(v), err_msg=k)
 
 
+@pytest.mark.usefixtures("kernels")
 @pytest.mark.parametrize("est", ESTIMATORS, ids=repr)
 @pytest.mark.parametrize("layers", LAYERS, ids=str)
 @pytest.mark.parametrize("kind", ["float32", "float64", "torch"])
@@ -82,6 +84,7 @@ def test_fused_transform_unknown_language_policies():
         np.testing.assert_array_equal(Z[:, j], e.transform(X[:, j], languages=other))
 
 
+@pytest.mark.usefixtures("kernels")
 def test_fused_fit_then_partial_fit_streams_on():
     X, langs = _stack(3, n=400)
     a = PerLayer(LanguageStandardizer()).fit(X[:250], languages=langs[:250])
