@@ -9,7 +9,11 @@ Two moment objects feed every method:
   their pivot-language partners (rows sharing a ``pair_id``).  Enough for every
   orthogonal Procrustes map.
 
-Numerics.  Rows are processed in blocks (:data:`SUM_BLOCK` rows for the per-language
+Numerics.  On the CPU (float32/float64 input, numba installed) :class:`LanguageMoments`
+is one pass of :func:`posthoc_align._kernels.language_moments`: every term
+``x − shift_l`` and its square is formed and added in float64 (agreement with a
+two-pass float64 computation ~1e-12 relative, float32 input included).  Otherwise (CUDA,
+other dtypes, ``POSTHOC_ALIGN_NUMBA=0``) rows are processed in blocks (:data:`SUM_BLOCK` rows for the per-language
 sums, :data:`BLOCK_ROWS` for pair products).  Inside a block the
 work runs in the input precision (float32 stays float32, so segmented sums and GEMMs
 run at full speed); every block result is added into a float64 accumulator.  Each
@@ -25,7 +29,7 @@ the language's first block; :meth:`LanguageMoments._sum_centred`) for shuffled r
 each block's own mean for rows grouped by language — and ``Σy = n·m + Σ(y−m)``,
 ``Σy² = Σ(y−m)² + 2m·Σ(y−m) + n·m²`` are formed in float64 (compensated float32:
 rounding relative to the spread, not to the mean; ~1e-7 relative on variances and
-means), whatever the chunking of the stream and on CPU or GPU alike.  Pass float64 arrays when more is needed.
+means), whatever the chunking of the stream.  Pass float64 arrays when more is needed.
 
 No method logic lives here: closed forms are in the file named after the method.
 """
