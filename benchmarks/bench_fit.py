@@ -741,10 +741,21 @@ def machine_info() -> list[str]:
         f"torch {torch.__version__} (BLAS {torch_blas}, {torch.get_num_threads()} threads); "
         f"numpy {np.__version__} (BLAS {np_blas}); scipy {scipy.__version__}; "
         f"scikit-learn {sklearn.__version__}; posthoc_align {pa.__version__}; "
-        f"Python {platform.python_version()}",
+        f"Python {platform.python_version()}; CPU loops: {_loops_line()}",
         f"thread pools: {pools or 'threadpoolctl not available'}; "
         f"environment: {env or 'no OMP/MKL/OpenBLAS variables set'}",
     ]
+
+
+def _loops_line() -> str:
+    """Whether the numba CPU loops ran (``POSTHOC_ALIGN_NUMBA=0`` turns them off)."""
+    from posthoc_align import _kernels
+
+    if not _kernels.enabled():
+        return "off (torch kernels)"
+    import numba
+
+    return f"numba {numba.__version__}"
 
 
 def fmt_s(t: float) -> str:

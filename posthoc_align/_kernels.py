@@ -123,6 +123,18 @@ def _host(T: torch.Tensor) -> np.ndarray:
     return T.detach().numpy()
 
 
+def _codes(gcodes: np.ndarray, n_langs: int) -> np.ndarray:
+    """``gcodes`` as int64, checked to index ``n_langs`` rows (the compiled loops do
+    not bounds-check, and a negative index would silently wrap around)."""
+    g = np.ascontiguousarray(gcodes, dtype=np.int64)
+    if g.size and (int(g.min()) < 0 or int(g.max()) >= n_langs):
+        raise IndexError(
+            f"language codes span [{int(g.min())}, {int(g.max())}] but statistics exist for "
+            f"{n_langs} language(s)"
+        )
+    return g
+
+
 def language_moments(
     T: torch.Tensor, gcodes: np.ndarray, shift: np.ndarray, *, second: bool
 ) -> tuple[np.ndarray, np.ndarray | None]:
@@ -146,9 +158,9 @@ def language_moments(
     loops = _compiled()
     X = _host(T)
     n, d = X.shape
-    g = np.ascontiguousarray(gcodes, dtype=np.int64)
     sh = np.ascontiguousarray(shift, dtype=np.float64)
     L = sh.shape[0]
+    g = _codes(gcodes, L)
     ranges = _ranges(n) or [(0, 0)]
     S = np.zeros((len(ranges), L, d))
     Q = np.zeros((len(ranges), L, d)) if second else S
@@ -182,6 +194,9 @@ def affine_rows(
     a = np.zeros((L, d), dt) if shift is None else np.ascontiguousarray(_host(shift))
     b = np.ones((L, d), dt) if scale is None else np.ascontiguousarray(_host(scale))
     c = np.zeros(d, dt) if offset is None else np.ascontiguousarray(_host(offset))
+    g = _codes(g, min(a.shape[0], b.shape[0]))
+    if a.shape[1:] != (d,) or b.shape[1:] != (d,) or c.shape != (d,) or Y.shape != X.shape:
+        raise ValueError("shift/scale/offset/out do not match the rows' width")
     if n == 0:
         return True
     bad = _run(lambda k, lo, hi: loops.affine_rows(X, g, a, b, c, Y, lo, hi), _ranges(n))
@@ -199,6 +214,8 @@ def project_rows(
     n, d = X.shape
     B = np.ascontiguousarray(_host(basis))
     c = np.zeros(d, X.dtype) if center is None else np.ascontiguousarray(_host(center))
+    if B.ndim != 2 or B.shape[1] != d or c.shape != (d,) or Y.shape != X.shape:
+        raise ValueError("basis/center/out do not match the rows' width")
     if n == 0:
         return True
     bad = _run(lambda k, lo, hi: loops.project_rows(X, B, c, Y, lo, hi), _ranges(n))

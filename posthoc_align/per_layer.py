@@ -18,7 +18,7 @@ from ._backend import DEVICE_CONSTRAINT, resolve_device
 from ._dask import is_dask
 from ._stats import LanguageMoments
 from ._validation import check_languages, check_X, factorized
-from .procrustes import ProcrustesAligner
+from .procrustes import ProcrustesAligner, solves_together
 
 
 def _factorize_once(X: Any, languages: Any) -> Any:
@@ -183,10 +183,11 @@ class PerLayer(TransformerMixin, BaseEstimator, auto_wrap_output_keys=None):
         languages = _factorize_once(X, languages)
         if nx is not None and self._fit_fused(X, languages):
             return self
-        for i in self.layers_:
-            est = self._make_estimator()
-            est.fit(X[:, i, :], **_accepted(est.fit, languages=languages, pair_ids=pair_ids))
-            self.estimators_.append(est)
+        with solves_together():  # the layers' d×d solves side by side, at the end
+            for i in self.layers_:
+                est = self._make_estimator()
+                est.fit(X[:, i, :], **_accepted(est.fit, languages=languages, pair_ids=pair_ids))
+                self.estimators_.append(est)
         return self
 
     def _fit_fused(self, X, languages) -> bool:
@@ -224,10 +225,11 @@ class PerLayer(TransformerMixin, BaseEstimator, auto_wrap_output_keys=None):
             self.layers_ = self._resolve_layers(X.shape[1])
             self.estimators_ = [self._make_estimator() for _ in self.layers_]
         languages = _factorize_once(X, languages)
-        for i, est in zip(self.layers_, self.estimators_, strict=True):
-            est.partial_fit(
-                X[:, i, :], **_accepted(est.partial_fit, languages=languages, pair_ids=pair_ids)
-            )
+        with solves_together():
+            for i, est in zip(self.layers_, self.estimators_, strict=True):
+                est.partial_fit(
+                    X[:, i, :], **_accepted(est.partial_fit, languages=languages, pair_ids=pair_ids)
+                )
         return self
 
     def transform(self, X, languages=None):

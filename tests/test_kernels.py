@@ -175,3 +175,18 @@ def test_lsar_transform_loops_equal_torch_kernels(rng, monkeypatch):
     monkeypatch.setenv("POSTHOC_ALIGN_NUMBA", "0")
     Zt = est.transform(X.astype(np.float32))
     np.testing.assert_allclose(Z, Zt, atol=1e-5)
+
+
+def test_codes_out_of_range_raise_instead_of_wrapping(rng):
+    X = torch.from_numpy(rng.normal(size=(10, 3)))
+    with pytest.raises(IndexError, match="language codes"):
+        _kernels.language_moments(X, np.full(10, 2), np.zeros((2, 3)), second=False)
+    with pytest.raises(IndexError, match="language codes"):
+        _kernels.affine_rows(
+            X,
+            np.full(10, -1),
+            torch.empty((10, 3), dtype=X.dtype),
+            shift=torch.zeros((2, 3), dtype=X.dtype),
+        )
+    with pytest.raises(ValueError, match="width"):
+        _kernels.project_rows(X, torch.zeros((1, 4), dtype=X.dtype), torch.empty_like(X))

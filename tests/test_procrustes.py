@@ -272,3 +272,28 @@ def test_per_layer_writes_into_one_output(rng, as_torch):
             kw = {} if isinstance(e, LSAR) else {"languages": L}
             np.testing.assert_allclose(Zn[:, i], e.transform(X[:, i], **kw), atol=1e-5)
     np.testing.assert_array_equal(Xin if not as_torch else Xin.numpy(), X)  # not mutated
+
+
+def test_solves_together_equals_immediate_solves_and_fails_safe(rng):
+    """Fits inside solves_together() get the same maps once the block ends; if the
+    block raises, the queued maps are NaN, never uninitialised memory."""
+    from posthoc_align.procrustes import solves_together
+
+    X = rng.normal(size=(300, 6))
+    langs = np.repeat(["en", "fr", "de"], 100)
+    ids = np.tile(np.arange(100), 3)
+    ref = ProcrustesAligner().fit(X, languages=langs, pair_ids=ids)
+    with solves_together():
+        a = ProcrustesAligner().fit(X, languages=langs, pair_ids=ids)
+        with solves_together():  # nested blocks join the outer one
+            b = ProcrustesAligner().fit(X * 2, languages=langs, pair_ids=ids)
+    ref_b = ProcrustesAligner().fit(X * 2, languages=langs, pair_ids=ids)
+    np.testing.assert_allclose(a.rotations_, ref.rotations_, atol=1e-12)
+    np.testing.assert_allclose(b.rotations_, ref_b.rotations_, atol=1e-12)
+    with pytest.raises(RuntimeError, match="boom"), solves_together():
+        c = ProcrustesAligner().fit(X, languages=langs, pair_ids=ids)
+        raise RuntimeError("boom")
+    pivot = list(c.languages_).index("en")
+    others = [k for k in range(3) if k != pivot]
+    assert np.isnan(c.rotations_[others]).all()
+    np.testing.assert_array_equal(c.rotations_[pivot], np.eye(6))
