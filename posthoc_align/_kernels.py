@@ -103,8 +103,15 @@ def usable(*tensors: torch.Tensor | None) -> bool:
     )
 
 
-def _ranges(n: int) -> list[tuple[int, int]]:
+#: Bytes of per-thread float64 accumulators (threads x L x d) a moments pass may use;
+#: with many languages and many cores, fewer threads are used rather than more memory.
+ACCUMULATOR_BUDGET = 64 << 20
+
+
+def _ranges(n: int, per_thread_bytes: int = 0) -> list[tuple[int, int]]:
     threads = max(1, min(torch.get_num_threads(), n // MIN_ROWS_PER_THREAD))
+    if per_thread_bytes:
+        threads = max(1, min(threads, ACCUMULATOR_BUDGET // per_thread_bytes))
     bounds = np.linspace(0, n, threads + 1).astype(np.int64)
     return [(int(a), int(b)) for a, b in zip(bounds[:-1], bounds[1:], strict=True) if b > a]
 
@@ -161,7 +168,7 @@ def language_moments(
     sh = np.ascontiguousarray(shift, dtype=np.float64)
     L = sh.shape[0]
     g = _codes(gcodes, L)
-    ranges = _ranges(n) or [(0, 0)]
+    ranges = _ranges(n, L * d * 8 * (2 if second else 1)) or [(0, 0)]
     S = np.zeros((len(ranges), L, d))
     Q = np.zeros((len(ranges), L, d)) if second else S
 

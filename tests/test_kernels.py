@@ -190,3 +190,13 @@ def test_codes_out_of_range_raise_instead_of_wrapping(rng):
         )
     with pytest.raises(ValueError, match="width"):
         _kernels.project_rows(X, torch.zeros((1, 4), dtype=X.dtype), torch.empty_like(X))
+
+
+def test_accumulator_budget_limits_threads(monkeypatch):
+    """Many languages x many cores: fewer row ranges, not threads x L x d memory."""
+    monkeypatch.setattr(_kernels, "MIN_ROWS_PER_THREAD", 1)
+    monkeypatch.setattr(_kernels.torch, "get_num_threads", lambda: 64)
+    assert len(_kernels._ranges(10_000)) == 64
+    per_thread = 1000 * 1024 * 8 * 2  # 1000 languages, d = 1024, sums and squares
+    assert len(_kernels._ranges(10_000, per_thread)) == _kernels.ACCUMULATOR_BUDGET // per_thread
+    assert len(_kernels._ranges(10_000, 10 * _kernels.ACCUMULATOR_BUDGET)) == 1
