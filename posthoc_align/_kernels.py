@@ -70,6 +70,7 @@ def _compiled() -> ModuleType | None:
         try:
             from . import _numba_loops
 
+            _smoke(_numba_loops)
             _loops = _numba_loops
         except ImportError:
             _failed = True
@@ -82,6 +83,22 @@ def _compiled() -> ModuleType | None:
                 stacklevel=3,
             )
     return _loops
+
+
+def _smoke(loops: ModuleType) -> None:
+    """Run every loop once on tiny float32 and float64 arrays (compiling or loading
+    them), so a numba that cannot compile here fails now — and the torch kernels take
+    over — rather than in the middle of a fit."""
+    g = np.zeros(2, np.int64)
+    for dt in (np.float32, np.float64):
+        X = np.ones((2, 3), dt)
+        out = np.empty_like(X)
+        S = np.zeros((1, 3))
+        loops.moments_rows(X, g, S, S.copy(), S.copy(), 0, 2, True)
+        ok = loops.affine_rows(X, g, X[:1], X[:1], X[0], out, 0, 2)
+        ok += loops.project_rows(X, X[:1], X[0], out, 0, 2)
+        if ok != 0.0:
+            raise RuntimeError("the compiled loops gave a wrong answer on a smoke test")
 
 
 def enabled() -> bool:

@@ -200,3 +200,27 @@ def test_accumulator_budget_limits_threads(monkeypatch):
     per_thread = 1000 * 1024 * 8 * 2  # 1000 languages, d = 1024, sums and squares
     assert len(_kernels._ranges(10_000, per_thread)) == _kernels.ACCUMULATOR_BUDGET // per_thread
     assert len(_kernels._ranges(10_000, 10 * _kernels.ACCUMULATOR_BUDGET)) == 1
+
+
+def test_loops_that_fail_to_compile_fall_back_with_a_warning(monkeypatch, rng):
+    """A numba that imports but cannot run the loops: a RuntimeWarning, then the torch
+    kernels (the smoke test runs before any fit uses the loops)."""
+    monkeypatch.setattr(_kernels, "_loops", None)
+    monkeypatch.setattr(_kernels, "_failed", False)
+
+    def broken(loops):
+        raise RuntimeError("LLVM says no")
+
+    monkeypatch.setattr(_kernels, "_smoke", broken)
+    with pytest.warns(RuntimeWarning, match="LLVM says no"):
+        assert not _kernels.enabled()
+    assert not _kernels.usable(torch.zeros(2, 2))
+    X = rng.normal(size=(50, 3))
+    est = LanguageStandardizer().fit(X, languages=np.repeat(["a", "b"], 25))
+    np.testing.assert_allclose(est.vars_[0], X[:25].var(0), rtol=1e-10)
+
+
+def test_smoke_test_passes_on_this_machine():
+    from posthoc_align import _numba_loops
+
+    _kernels._smoke(_numba_loops)
