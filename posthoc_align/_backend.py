@@ -74,10 +74,13 @@ class Backend:
     def to_torch(self, X: Any, device: str | torch.device | None = None) -> torch.Tensor:
         """View ``X`` as a tensor on ``device`` (no copy when already there)."""
         if self.name == "torch":
-            T = X
+            # the fits and kernels are not differentiable (closed forms, out= buffers,
+            # compiled loops): tensors that require grad are read, never traced
+            T = X.detach()
         else:
             A = np.asarray(X)
-            if not A.flags.writeable:  # torch wants writeable memory; we never write
+            # torch wants writeable memory (we never write) and no negative strides
+            if not A.flags.writeable or any(st < 0 for st in A.strides):
                 A = A.copy()
             T = torch.from_numpy(A)
         if device is not None and T.device != torch.device(device):

@@ -356,3 +356,22 @@ def test_transform_grouped_rows_path_equals_shuffled(cls):
     bad[MIN_RUN + 7, 3] = np.nan
     with pytest.raises(ValueError, match="NaN|finite"):
         est.transform(bad, languages=langs)
+
+
+@pytest.mark.parametrize("cls", [LanguageMeanCentering, LanguageStandardizer])
+def test_negative_strides_and_tensors_requiring_grad(rng, cls):
+    """A reversed numpy view (negative strides) and a tensor that requires grad are read
+    like any other input (the fits are closed forms: outputs carry no graph)."""
+    X = rng.normal(size=(300, 5)).astype(np.float32)
+    langs = rng.choice(["a", "b", "c"], size=300)
+    ref = (
+        cls()
+        .fit(X[::-1].copy(), languages=langs[::-1])
+        .transform(X[::-1].copy(), languages=langs[::-1])
+    )
+    Z = cls().fit(X[::-1], languages=langs[::-1]).transform(X[::-1], languages=langs[::-1])
+    np.testing.assert_array_equal(Z, ref)
+    T = torch.from_numpy(X).requires_grad_(True)
+    Zt = cls().fit(T, languages=langs).transform(T, languages=langs)
+    assert isinstance(Zt, torch.Tensor) and not Zt.requires_grad
+    np.testing.assert_array_equal(Zt.numpy(), ref[::-1])
