@@ -1,5 +1,7 @@
 """The numba CPU loops (posthoc_align._kernels) against independent numpy computations."""
 
+import warnings
+
 import numpy as np
 import pytest
 import torch
@@ -224,3 +226,57 @@ def test_smoke_test_passes_on_this_machine():
     from posthoc_align import _numba_loops
 
     _kernels._smoke(_numba_loops)
+
+
+@settings(max_examples=25, deadline=None)
+@given(
+    seed=st.integers(0, 2**16),
+    n=st.integers(1, 5000),
+    d=st.integers(1, 12),
+    n_langs=st.integers(1, 9),
+    dtype=st.sampled_from([np.float32, np.float64]),
+    offset=st.floats(-1e3, 1e3),
+)
+def test_loops_equal_torch_kernels_for_the_estimators(seed, n, d, n_langs, dtype, offset):
+    """Random shapes (across the row-range threshold), languages (some with one row),
+    dtypes and offsets: centring and standardisation with the loops equal the torch
+    kernels; LSAR with the loops on float32 input equals LSAR on the same numbers in
+    float64 (its subspace comes from differences of means, which float32 sums blur
+    when the offset dwarfs the spread — the loops form every term in float64)."""
+    import os
+
+    from posthoc_align import LSAR, LanguageMeanCentering
+
+    rng = np.random.default_rng(seed)
+    X = (rng.normal(size=(n, d)) * rng.uniform(0.1, 10) + offset).astype(dtype)
+    langs = rng.integers(0, n_langs, n).astype(str)
+    scale = 1 + abs(offset)
+    tol = (
+        dict(rtol=2e-4, atol=2e-4 * scale)
+        if dtype == np.float32
+        else dict(rtol=1e-9, atol=1e-9 * scale)
+    )
+    results = {}
+    for mode in ("loops", "torch"):
+        os.environ["POSTHOC_ALIGN_NUMBA"] = "1" if mode == "loops" else "0"
+        try:
+            with warnings.catch_warnings():
+                warnings.simplefilter("ignore")
+                s = LanguageStandardizer().fit(X, languages=langs)
+                c = LanguageMeanCentering().fit(X, languages=langs)
+                results[mode] = (
+                    s.means_,
+                    s.vars_,
+                    s.transform(X, languages=langs),
+                    c.transform(X, languages=langs),
+                )
+        finally:
+            os.environ.pop("POSTHOC_ALIGN_NUMBA", None)
+    for a, b in zip(results["loops"], results["torch"], strict=True):
+        np.testing.assert_allclose(a, b, **tol)
+    X64 = X.astype(np.float64)
+    a = LSAR().fit(X, languages=langs)
+    b = LSAR().fit(X64, languages=langs)
+    np.testing.assert_allclose(a.means_, b.means_, rtol=1e-12, atol=1e-12 * scale)
+    eps = 1e-5 if dtype == np.float32 else 1e-10
+    np.testing.assert_allclose(a.transform(X), b.transform(X64), atol=eps * scale * np.sqrt(d))
