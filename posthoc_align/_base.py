@@ -67,6 +67,16 @@ class LanguageTransformerMixin(OneToOneFeatureMixin, TransformerMixin, BaseEstim
     #: whether the fit needs per-language sums of squares
     _second_moments = False
 
+    #: whether first-moment float32 sums must be compensated where the torch kernels run
+    #: (CUDA, no numba): LSAR's subspace comes from *differences* of language means
+    _compensated_moments = False
+
+    def _new_moments(self) -> LanguageMoments:
+        return LanguageMoments(
+            second_moments=self._second_moments,
+            compensated=self._second_moments or self._compensated_moments,
+        )
+
     # -- the streaming fit, shared by every estimator ----------------------------
     def _partial_fit(self, X, languages, pair_ids=None):
         """Validate a batch, add it to the moments, recompute the closed form."""
@@ -78,7 +88,7 @@ class LanguageTransformerMixin(OneToOneFeatureMixin, TransformerMixin, BaseEstim
         nx, Xc, dev = self._validate(X, reset=first)
         labels, codes, pids = self._check_metadata(Xc.shape[0], languages, pair_ids)
         if first:
-            self._moments = LanguageMoments(second_moments=self._second_moments)
+            self._moments = self._new_moments()
             self._pairs = self._new_pairs()
         T = nx.to_torch(Xc, dev)
         self._moments.update(T, labels, codes)

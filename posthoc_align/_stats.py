@@ -21,9 +21,10 @@ language's data are shifted by a fixed reference row (the first row seen of that
 language; one row shared by all languages, the first row seen) before summing, so
 sums of squares and cross-products do not lose precision to large means (the
 "shifted data" algorithm; Chan, Golub & LeVeque 1983).  float64 input is float64 throughout (agreement with a two-pass float64
-computation ~1e-12 relative).  float32 input: first-moment-only sums (centring,
-LSAR) are float32 block sums, ~1e-6 relative to the values' magnitude; with second
-moments (standardisation) rows are centred near their language's mean m before the
+computation ~1e-12 relative).  float32 input: first-moment-only sums (centring)
+are float32 block sums, ~1e-6 relative to the values' magnitude; with second
+moments (standardisation), or ``compensated=True`` (LSAR, whose subspace comes from
+differences of language means), rows are centred near their language's mean m before the
 float32 reductions — on a fixed per-language centre (the running mean, or the mean of
 the language's first block; :meth:`LanguageMoments._sum_centred`) for shuffled rows, on
 each block's own mean for rows grouped by language — and ``Σy = n·m + Σ(y−m)``,

@@ -94,6 +94,7 @@ class LSAR(LanguageTransformerMixin):
 
     # transform takes no labels: never route ``languages`` to it
     __metadata_request__transform = {"languages": metadata_routing.UNUSED}
+    _compensated_moments = True
 
     _parameter_constraints: dict = {
         "n_components": [

@@ -16,7 +16,6 @@ from sklearn.utils.validation import check_is_fitted
 from ._apply import _empty_like, affine_by_language
 from ._backend import DEVICE_CONSTRAINT, resolve_device
 from ._dask import is_dask
-from ._stats import LanguageMoments
 from ._validation import check_languages, check_X, factorized
 from .procrustes import ProcrustesAligner, solves_together
 
@@ -208,7 +207,7 @@ class PerLayer(TransformerMixin, BaseEstimator, auto_wrap_output_keys=None):
             return False
         nx, Vc, dev = template._validate(V, reset=True)
         labels, codes, _ = template._check_metadata(Vc.shape[0], languages, None)
-        moments = LanguageMoments(second_moments=template._second_moments)
+        moments = template._new_moments()
         moments.update(nx.to_torch(Vc, dev), labels, codes)
         d = self.n_features_in_
         for p in range(len(self.layers_)):

@@ -107,3 +107,18 @@ def test_components_have_deterministic_signs():
     C2 = LSAR().fit(-X, languages=L).components_  # negated data: SVD signs may flip
     np.testing.assert_allclose(np.abs(C2), np.abs(C), atol=1e-10)
     assert (C2[np.arange(len(C2)), np.abs(C2).argmax(1)] > 0).all()
+
+
+@pytest.mark.usefixtures("kernels")
+def test_float32_subspace_survives_a_large_offset():
+    """Language means far from the origin next to their spread (offset 421, spread 0.1):
+    the subspace comes from differences of means, so float32 sums must be compensated
+    (torch kernels) or formed in float64 (loops) — found by a hypothesis test, where
+    plain float32 block sums moved the projected rows by 0.14."""
+    rng = np.random.default_rng(0)
+    X = (rng.normal(size=(256, 11)) * 0.1 + 421).astype(np.float32)
+    langs = rng.integers(0, 5, 256).astype(str)
+    a = LSAR().fit(X, languages=langs)
+    b = LSAR().fit(X.astype(np.float64), languages=langs)
+    np.testing.assert_allclose(a.means_, b.means_, rtol=0, atol=1e-9)
+    np.testing.assert_allclose(a.transform(X), b.transform(X.astype(np.float64)), atol=5e-4)
