@@ -280,3 +280,55 @@ def test_loops_equal_torch_kernels_for_the_estimators(seed, n, d, n_langs, dtype
     np.testing.assert_allclose(a.means_, b.means_, rtol=1e-12, atol=1e-12 * scale)
     eps = 1e-5 if dtype == np.float32 else 1e-10
     np.testing.assert_allclose(a.transform(X), b.transform(X64), atol=eps * scale * np.sqrt(d))
+
+
+@settings(max_examples=15, deadline=None)
+@given(
+    seed=st.integers(0, 2**16),
+    n_ids=st.integers(30, 400),
+    d=st.integers(2, 10),
+    offset=st.floats(-500, 500),
+    cut=st.floats(0.1, 0.9),
+)
+def test_procrustes_loops_torch_and_chunking_agree(seed, n_ids, d, offset, cut):
+    """ProcrustesAligner on float32 rows with planted rotations and language offsets:
+    loops vs torch kernels, and fit vs partial_fit over a random split, give the same
+    maps and the same transformed rows (float32 tolerances)."""
+    import os
+
+    from scipy.stats import ortho_group
+
+    from posthoc_align import ProcrustesAligner
+
+    rng = np.random.default_rng(seed)
+    en = rng.normal(size=(n_ids, d))
+    rows, langs, ids = [en], ["en"] * n_ids, list(range(n_ids))
+    for lang in ("fr", "de"):
+        R = ortho_group.rvs(d, random_state=int(rng.integers(1 << 30)))
+        rows.append(en @ R + 0.05 * rng.normal(size=(n_ids, d)) + rng.normal(size=d))
+        langs += [lang] * n_ids
+        ids += list(range(n_ids))
+    X = (np.vstack(rows) + offset).astype(np.float32)
+    langs, ids = np.array(langs), np.array(ids)
+    perm = rng.permutation(len(X))
+    X, langs, ids = X[perm], langs[perm], ids[perm]
+    k = int(cut * len(X))
+    out = {}
+    for mode in ("loops", "torch"):
+        os.environ["POSTHOC_ALIGN_NUMBA"] = "1" if mode == "loops" else "0"
+        try:
+            with warnings.catch_warnings():
+                warnings.simplefilter("ignore")
+                full = ProcrustesAligner().fit(X, languages=langs, pair_ids=ids)
+                part = ProcrustesAligner().partial_fit(X[:k], languages=langs[:k], pair_ids=ids[:k])
+                part.partial_fit(X[k:], languages=langs[k:], pair_ids=ids[k:])
+                out[mode] = (full.rotations_, part.rotations_, full.transform(X, languages=langs))
+        finally:
+            os.environ.pop("POSTHOC_ALIGN_NUMBA", None)
+    ref = out["loops"][0]
+    for mode in out:
+        np.testing.assert_allclose(out[mode][0], ref, atol=2e-4)
+        np.testing.assert_allclose(out[mode][1], ref, atol=2e-4)
+    np.testing.assert_allclose(
+        out["loops"][2], out["torch"][2], atol=2e-3 * (1 + abs(offset)) ** 0.5
+    )
