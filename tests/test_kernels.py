@@ -332,3 +332,40 @@ def test_procrustes_loops_torch_and_chunking_agree(seed, n_ids, d, offset, cut):
     np.testing.assert_allclose(
         out["loops"][2], out["torch"][2], atol=2e-3 * (1 + abs(offset)) ** 0.5
     )
+
+
+@settings(max_examples=10, deadline=None)
+@given(seed=st.integers(0, 2**16), n_ids=st.integers(40, 300), offset=st.floats(-200, 200))
+def test_other_estimators_loops_equal_torch_kernels(seed, n_ids, offset):
+    """LanguageEraser, LanguageAxes and GeneralizedProcrustes read their language means
+    through the same moments: the loops and the torch kernels agree (float32 input)."""
+    import os
+
+    from posthoc_align import GeneralizedProcrustes, LanguageAxes, LanguageEraser
+
+    rng = np.random.default_rng(seed)
+    d = 6
+    base = rng.normal(size=(n_ids, d))
+    X = np.vstack(
+        [base + rng.normal(scale=2, size=d) + 0.3 * rng.normal(size=base.shape) for _ in range(3)]
+    )
+    X = (X + offset).astype(np.float32)
+    langs = np.repeat(["en", "fr", "de"], n_ids)
+    ids = np.tile(np.arange(n_ids), 3)
+    out = {}
+    for mode in ("loops", "torch"):
+        os.environ["POSTHOC_ALIGN_NUMBA"] = "1" if mode == "loops" else "0"
+        try:
+            with warnings.catch_warnings():
+                warnings.simplefilter("ignore")
+                out[mode] = [
+                    LanguageEraser().fit(X, languages=langs).transform(X),
+                    LanguageAxes().fit(X, languages=langs).transform(X),
+                    GeneralizedProcrustes()
+                    .fit(X, languages=langs, pair_ids=ids)
+                    .transform(X, languages=langs),
+                ]
+        finally:
+            os.environ.pop("POSTHOC_ALIGN_NUMBA", None)
+    for a, b in zip(out["loops"], out["torch"], strict=True):
+        np.testing.assert_allclose(a, b, atol=1e-3 * (1 + abs(offset)) ** 0.5)
