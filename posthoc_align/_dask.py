@@ -265,7 +265,6 @@ def partial_fit_dask(est, X, languages, pair_ids):
     import dask
     import dask.array as da
 
-    from ._stats import LanguageMoments
     from ._validation import check_pair_ids
 
     X = check_dask_X(X)
@@ -283,7 +282,7 @@ def partial_fit_dask(est, X, languages, pair_ids):
     labels, codes, pids = est._check_metadata(n, languages, pair_ids)
     lab_list = [lab.item() if isinstance(lab, np.generic) else lab for lab in labels.tolist()]
     if first:
-        est._moments = LanguageMoments(second_moments=est._second_moments)
+        est._moments = est._new_moments()
         est._pairs = est._new_pairs()
     m = est._moments
     # reference row of every language new to the moments: one small compute
