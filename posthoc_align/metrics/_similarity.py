@@ -420,6 +420,7 @@ def scan(
 
     with torch.no_grad():
         res = ScanResult()
+        sbuf = torch.empty(min(bq, m) * min(bt, n), dtype=dtype, device=device)
         if k:
             top_v = torch.full((m, k), -torch.inf, dtype=dtype, device=device)
             top_i = torch.full((m, k), -1, dtype=torch.int64, device=device)
@@ -452,7 +453,11 @@ def scan(
                 for ls in row_blocks(t1 - t0, bt):
                     ts = slice(t0 + ls.start, t0 + ls.stop)  # positions among all targets
                     T = seg.take(ls.start, ls.stop, device, dtype)
-                    S = Q @ T.T
+                    # one score buffer for every block: a fresh block-sized output would
+                    # be page-faulted in again on every step
+                    S = torch.mm(
+                        Q, T.T, out=sbuf[: Q.shape[0] * T.shape[0]].view(Q.shape[0], T.shape[0])
+                    )
                     if t_inv is not None:
                         S.mul_(q_inv[:, None]).mul_(t_inv[None, ls])
                     if scorer is not None:
