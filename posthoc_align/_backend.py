@@ -135,7 +135,17 @@ def resolve_device(device: str | torch.device | None, nx: Backend, X: Any) -> to
         if nx.name == "torch":
             return X.device
         return torch.device("cuda") if torch.cuda.is_available() else torch.device("cpu")
-    dev = torch.device(device)
+    try:
+        dev = torch.device(device)
+    except (RuntimeError, TypeError) as exc:
+        raise ValueError(
+            f"device={device!r} is not a torch device; use 'auto', 'cpu', 'cuda' or "
+            "'cuda:N' (or a torch.device)."
+        ) from exc
+    if dev.type not in ("cpu", "cuda"):
+        raise ValueError(
+            f"device={device!r}: only 'cpu' and 'cuda' devices are supported (or 'auto')."
+        )
     if dev.type == "cuda" and not torch.cuda.is_available():
         raise ValueError(
             f"device={device!r} was requested but torch sees no CUDA GPU "

@@ -13,7 +13,7 @@ from sklearn.utils.validation import validate_data
 from ._backend import Backend, resolve_device
 from ._dask import is_dask
 from ._stats import LanguageMoments
-from ._validation import check_languages, check_X
+from ._validation import ALL_ROWS, check_languages, check_X
 
 __all__ = ["LanguageTransformerMixin", "languages_array"]
 
@@ -158,6 +158,14 @@ class LanguageTransformerMixin(OneToOneFeatureMixin, TransformerMixin, BaseEstim
         lut = np.array([known.get(lab, -1) for lab in labels.tolist()], dtype=np.int64)
         unknown = [lab for lab, i in zip(labels.tolist(), lut, strict=True) if i < 0]
         if unknown and policy == "error":
+            if unknown == [ALL_ROWS]:
+                raise ValueError(
+                    f"{type(self).__name__} was fitted with languages= "
+                    f"({self.languages_.tolist()}), but this call got no languages=. Pass "
+                    "the language of each row; in a Pipeline, turn on metadata routing "
+                    "(sklearn.set_config(enable_metadata_routing=True)) and pass "
+                    "languages= to its transform/predict/score."
+                )
             raise ValueError(self._unknown_message(unknown))
         return lut[codes], unknown
 

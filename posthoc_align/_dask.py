@@ -310,11 +310,11 @@ def partial_fit_dask(est, X, languages, pair_ids):
     todo = {"moments": moments_tree(X, gcodes, list(m.labels), m.shift, m.second_moments)}
     pairs = getattr(est, "_pairs", None)
     if pairs is not None:
-        if pairs.has_buffers() or pairs.released and pairs.S:
+        if pairs.has_buffers():
             raise ValueError(
-                f"{type(est).__name__}: cannot add a dask array to a fit that streamed numpy "
-                "batches or was completed by fit(); fit on the dask array alone (or stream "
-                "numpy chunks with partial_fit)."
+                f"{type(est).__name__}: cannot add a dask array to a fit whose numpy batches "
+                "still hold rows waiting for pivot partners; fit on the dask array alone (or "
+                "stream numpy chunks with partial_fit)."
             )
         pids = check_pair_ids(pids, n, required_by=type(est).__name__)
         _check_unique_pairs(labels, codes, pids)

@@ -37,6 +37,7 @@ No method logic lives here: closed forms are in the file named after the method.
 
 from __future__ import annotations
 
+import warnings
 from collections.abc import Hashable, Iterator
 from typing import Any
 
@@ -759,10 +760,18 @@ class PairMoments:
         reference row).
         """
         if self.released:
-            raise RuntimeError(
-                "the pair buffers were released at the end of fit(); to stream batches, "
-                "start with partial_fit() instead of fit()"
+            # continuing after fit() or a load: the statistics go on, but the earlier
+            # rows are gone, so only partners in this and later batches can be matched
+            warnings.warn(
+                "continuing a Procrustes fit whose earlier rows are not kept (fit() drops "
+                "its row buffers, and save() does not store them): rows of this and later "
+                "partial_fit batches are paired only with partners in those batches. To "
+                "pair rows across batches, stream every batch with partial_fit() in one "
+                "session.",
+                UserWarning,
+                stacklevel=4,
             )
+            self.released = False
         lab_list = _labels_list(labels)
         pid_labels, pid_codes = _factorize_ids(pair_ids)
         codes = np.asarray(codes, dtype=np.int64)

@@ -73,15 +73,32 @@ def check_X(
         raise TypeError(
             "dask arrays are supported through the estimator's fit/transform entry points only"
         )
-    X = _sk_check_array(
-        X,
-        dtype=[np.float64, np.float32],
-        ensure_all_finite=False,
-        allow_nd=ndim > 2,
-        ensure_min_samples=min_rows,
-        estimator=estimator,
-        input_name=name,
-    )
+    kind_in = getattr(X, "dtype", None)
+    if kind_in is None and isinstance(X, list | tuple):
+        kind_in = np.asarray(X).dtype if len(X) else None
+    if getattr(kind_in, "kind", None) in ("U", "S"):
+        raise ValueError(
+            f"{name} holds strings (dtype {kind_in}); pass numeric data. If the strings "
+            f"are numbers, convert them first, e.g. {name}.astype(np.float32); to encode "
+            "text, use posthoc_align.encoders.HFEncoder / TextEncoder."
+        )
+    try:
+        X = _sk_check_array(
+            X,
+            dtype=[np.float64, np.float32],
+            ensure_all_finite=False,
+            allow_nd=ndim > 2,
+            ensure_min_samples=min_rows,
+            estimator=estimator,
+            input_name=name,
+        )
+    except ValueError as exc:
+        if "could not convert" in str(exc):
+            raise ValueError(
+                f"{name} holds non-numeric values ({exc}); pass a numeric array of shape "
+                "(n_rows, n_features)."
+            ) from exc
+        raise
     if X.ndim != ndim:
         shape = "(n_rows, n_features)" if ndim == 2 else "(n_rows, n_layers, n_features)"
         raise ValueError(f"Expected a {ndim}-D array {name} of shape {shape}, got shape {X.shape}.")
@@ -89,14 +106,26 @@ def check_X(
 
 
 def raise_non_finite(X: Any, name: str = "X", offset: int = 0) -> None:
-    """Raise a ValueError naming the first row of ``X`` that holds NaN or inf."""
+    """Raise a ValueError naming the first row of ``X`` that holds NaN or inf.
+
+    Called when a sum or an output came out non-finite.  If ``X`` itself is finite,
+    the computation overflowed (values too large for the dtype) and the message
+    says so instead.
+    """
     T = X if isinstance(X, torch.Tensor) else torch.as_tensor(np.asarray(X))
     bad = ~torch.isfinite(T.reshape(T.shape[0], -1)).all(dim=1)
     rows = torch.nonzero(bad).flatten()
-    where = f" (first at row {int(rows[0]) + offset}, {int(rows.numel())} row(s) in that block)"
+    if rows.numel():
+        raise ValueError(
+            f"Input {name} contains NaN or infinity (first at row {int(rows[0]) + offset}, "
+            f"{int(rows.numel())} row(s) in that block). Remove or impute those rows "
+            "(e.g. with sklearn.impute.SimpleImputer) first."
+        )
+    big = float(T.abs().max()) if T.numel() else 0.0
     raise ValueError(
-        f"Input {name} contains NaN or infinity{where if rows.numel() else ''}. "
-        "Remove or impute those rows (e.g. with sklearn.impute.SimpleImputer) first."
+        f"Input {name} is finite, but computing with it overflowed to infinity or NaN in "
+        f"{str(T.dtype).replace('torch.', '')} (largest |value| {big:.3g}). Rescale {name} "
+        "(e.g. divide by its largest value) or pass float64 data."
     )
 
 
@@ -111,6 +140,12 @@ def _to_1d_numpy(values: Any, name: str, n_rows: int) -> np.ndarray:
             f"Pass e.g. [{values!r}] * n_rows."
         )
     arr = np.asarray(values)
+    if arr.dtype.kind == "U" and not isinstance(values, np.ndarray) and arr.ndim == 1:
+        # numpy turns a list mixing strings and numbers into strings (1 and "1" would
+        # become one label): keep the objects, so the mixed types are caught below
+        if not all(isinstance(v, str) for v in values):
+            arr = np.empty(len(values), dtype=object)
+            arr[:] = list(values)
     if arr.ndim != 1:
         raise ValueError(f"{name} must be 1-D (one label per row); got shape {arr.shape}.")
     if arr.shape[0] != n_rows:

@@ -168,10 +168,16 @@ class LSAR(LanguageTransformerMixin):
             return max_r
         if isinstance(nc, numbers.Integral):
             if nc > max_r:
+                d = self.means_.shape[1]
+                bound = (
+                    f"L - 1 = {L - 1} for {L} language(s) {self.languages_.tolist()}"
+                    if L - 1 <= d
+                    else f"min(L - 1, n_features) = min({L - 1}, {d}) = {d} for {L} "
+                    f"language(s) {self.languages_.tolist()} in {d} dimensions"
+                )
                 raise ValueError(
                     f"n_components={nc} is larger than the rank of the centred language "
-                    f"means, L - 1 = {L - 1} for {L} language(s) "
-                    f"{self.languages_.tolist()}; use n_components <= {max_r} or None."
+                    f"means, {bound}; use n_components <= {max_r} or None."
                 )
             return int(nc)
         cum = np.cumsum(self.explained_energy_ratio_)

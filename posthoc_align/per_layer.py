@@ -141,6 +141,11 @@ class PerLayer(TransformerMixin, BaseEstimator, auto_wrap_output_keys=None):
                     f"(valid: {-n_layers}..{n_layers - 1})."
                 )
             out.append(j)
+        if not out:
+            raise ValueError(
+                "layers is empty: name at least one layer (an int, a sequence of ints, or "
+                "'all'); with none selected every layer would pass through unchanged."
+            )
         if len(set(out)) != len(out):
             raise ValueError(f"layers {list(layers)} name the same layer twice")
         return tuple(out)
@@ -278,7 +283,15 @@ class PerLayer(TransformerMixin, BaseEstimator, auto_wrap_output_keys=None):
             if _writes_into(est):
                 est._transform(X[:, i, :], out=out_t[:, i, :], **kwargs)
             else:
-                out[:, i, :] = est.transform(X[:, i, :], **kwargs)
+                res = est.transform(X[:, i, :], **kwargs)
+                if tuple(res.shape) != (X.shape[0], X.shape[2]):
+                    raise ValueError(
+                        f"{type(self).__name__}: {type(est).__name__} turned layer {i} of shape "
+                        f"{(X.shape[0], X.shape[2])} into shape {tuple(res.shape)}; PerLayer "
+                        "puts each layer back into the stack, so its estimator must keep the "
+                        "number of features (use it on the layer directly to reduce it)."
+                    )
+                out[:, i, :] = res
         return out
 
     def _transform_fused(self, nx, T, out_t, languages) -> bool:

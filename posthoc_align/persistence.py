@@ -3,13 +3,17 @@
 A saved estimator is a directory::
 
     config.json          format, format version, library version, class name,
-                         parameters, JSON-able learned attributes, checksum
+                         parameters, JSON-able learned attributes, checksums
+                         (of the arrays file, and of this file's own content)
     arrays.safetensors   every numeric learned array (float64 kept)
     <child>/             nested estimators (e.g. one per layer of RotateAlign)
 
 Loading runs no code from the files: the class is looked up by name among the
 package's own estimators, and arrays are read by safetensors. A modified or
-foreign file gives a clear error.
+foreign file gives a clear error: ``config.json`` carries the sha256 of the arrays
+file and of its own canonical content, and the parameters are validated again. (A
+checksum detects edits and corruption, not a deliberate forgery: load only saves
+you trust.)
 
 Examples
 --------
@@ -41,7 +45,7 @@ from ._version import __version__
 __all__ = ["save", "load", "FORMAT", "FORMAT_VERSION"]
 
 FORMAT = "posthoc_align.estimator"
-FORMAT_VERSION = 1
+FORMAT_VERSION = 2  # 2: config.json checksums its own content (version 1 did not)
 _CONFIG = "config.json"
 _ARRAYS = "arrays.safetensors"
 _OBJECTS = {
@@ -101,6 +105,13 @@ def _hashable(k: Any) -> Any:
     return tuple(k) if isinstance(k, list) else k
 
 
+def _config_digest(cfg: dict) -> str:
+    """sha256 of the config's canonical JSON, without its own checksum entry."""
+    body = {k: v for k, v in cfg.items() if k != "config_sha256"}
+    text = json.dumps(body, sort_keys=True, separators=(",", ":"), ensure_ascii=True)
+    return hashlib.sha256(text.encode()).hexdigest()
+
+
 def save(est: BaseEstimator, path: str | Path) -> None:
     """Write ``est`` to the directory ``path`` (created; existing files replaced).
 
@@ -131,6 +142,14 @@ def save(est: BaseEstimator, path: str | Path) -> None:
         if k in ("_moments", "_pairs", "_scatter") and isinstance(
             v, LanguageMoments | PairMoments | ScatterMoments
         ):
+            if isinstance(v, PairMoments) and v.has_buffers():
+                warnings.warn(
+                    f"{cls}: rows still waiting for pivot partners ({v.n_pending()}) and the "
+                    "kept pivot rows are not saved; a loaded copy pairs later partial_fit "
+                    "rows only with partners in the later batches.",
+                    UserWarning,
+                    stacklevel=2,
+                )
             meta, arrs = v.state()
             objects[k] = {"type": type(v).__name__, "meta": _json_value(meta)}
             for name, a in arrs.items():
@@ -159,6 +178,7 @@ def save(est: BaseEstimator, path: str | Path) -> None:
         "children": children,
         "arrays_sha256": digest,
     }
+    config["config_sha256"] = _config_digest(config)
     (path / _CONFIG).write_text(json.dumps(config, indent=1))
 
 
@@ -203,6 +223,12 @@ def load(path: str | Path) -> BaseEstimator:
             UserWarning,
             stacklevel=2,
         )
+    if cfg.get("format_version", 0) >= 2 and cfg.get("config_sha256") != _config_digest(cfg):
+        raise ValueError(
+            f"{cfg_file} does not match its own checksum: the file was edited or corrupted "
+            "after saving. Save the estimator again (edit parameters with set_params on the "
+            "loaded estimator, not in the file)."
+        )
     raw = arr_file.read_bytes()
     if hashlib.sha256(raw).hexdigest() != cfg.get("arrays_sha256"):
         raise ValueError(
@@ -222,6 +248,7 @@ def load(path: str | Path) -> BaseEstimator:
             if child.startswith("param."):
                 params[k] = load(path / child)
         est = cls(**params)
+        est._validate_params()
         for k, v in cfg["attributes"].items():
             setattr(est, k, _from_json(v))
         for k, v in cfg["children"].items():
@@ -234,8 +261,10 @@ def load(path: str | Path) -> BaseEstimator:
         for k, a in arrays.items():
             if "/" not in k:
                 setattr(est, k, a)
-    except (KeyError, TypeError, AttributeError) as exc:
+    except (KeyError, TypeError, AttributeError, FileNotFoundError) as exc:
         raise ValueError(
             f"{path}: the saved configuration is incomplete or altered ({exc})"
         ) from exc
+    except ValueError as exc:  # e.g. InvalidParameterError from _validate_params
+        raise ValueError(f"{path}: the saved configuration is invalid ({exc})") from exc
     return est

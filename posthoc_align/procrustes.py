@@ -220,7 +220,10 @@ class ProcrustesAligner(LanguageTransformerMixin):
     cross-covariance is formed from these moments (no second pass), then one
     d×d SVD per language. No n×n matrix is formed. ``partial_fit`` may receive a
     row before its pivot partner: pivot rows, and rows still waiting for their
-    partner, are buffered until then (``fit`` drops the buffers at its end).
+    partner, are buffered until then (``fit`` drops the buffers at its end, and
+    ``save`` does not store them: ``partial_fit`` after ``fit`` or after a load
+    continues the statistics, pairing new rows only with partners in the new
+    batches, and warns once).
     Fewer pairs than dimensions leave the rotation non-unique (a warning).
 
     Examples
@@ -237,6 +240,23 @@ class ProcrustesAligner(LanguageTransformerMixin):
     >>> Z = ProcrustesAligner(pivot="en").fit_transform(X, languages=langs, pair_ids=ids)
     >>> bool(np.allclose(Z[50:], Z[:50]))
     True
+
+    Cross-validation that keeps every translation of a sentence in one fold
+    (``GroupKFold`` on ``pair_ids``), so each training fold holds whole pairs;
+    ``languages`` and ``pair_ids`` are routed to the aligner:
+
+    >>> import sklearn
+    >>> from sklearn.linear_model import LogisticRegression
+    >>> from sklearn.model_selection import GroupKFold, cross_validate
+    >>> from sklearn.pipeline import Pipeline
+    >>> y = np.tile((en[:, 0] > 0).astype(int), 2)
+    >>> with sklearn.config_context(enable_metadata_routing=True):
+    ...     pipe = Pipeline([("align", ProcrustesAligner(pivot="en")),
+    ...                      ("clf", LogisticRegression())])
+    ...     res = cross_validate(pipe, X, y, cv=GroupKFold(5),
+    ...                          params={"languages": langs, "pair_ids": ids, "groups": ids})
+    >>> len(res["test_score"])
+    5
     """
 
     __metadata_request__fit = {"languages": True, "pair_ids": True}

@@ -22,7 +22,11 @@ __all__ = ["LanguageStandardizer"]
 
 
 def _scale(variances: np.ndarray, eps: float) -> np.ndarray:
-    return np.sqrt(variances + eps)
+    """``sqrt(var + eps)``; an exact 0 (zero variance with ``eps=0``) becomes 1, as in
+    scikit-learn's ``StandardScaler``: a constant feature is centred, not divided by 0."""
+    s = np.sqrt(variances + eps)
+    s[s == 0.0] = 1.0
+    return s
 
 
 def _warn_small(labels, counts, where: str) -> None:
@@ -61,7 +65,9 @@ class LanguageStandardizer(LanguageTransformerMixin):
         Divide by ``sqrt(var + eps)``.
     eps : float, default=1e-6
         Added to the variance. A language with a single row has variance 0 and is
-        scaled by ``1/sqrt(eps)`` of a zero vector (a warning is issued).
+        scaled by ``1/sqrt(eps)`` of a zero vector (a warning is issued). With
+        ``eps=0`` a feature of zero variance is left unscaled (scale 1, as
+        ``StandardScaler`` does) instead of divided by zero.
     device : {"auto", "cpu", "cuda"} or torch.device, default="auto"
 
     Attributes
@@ -71,7 +77,7 @@ class LanguageStandardizer(LanguageTransformerMixin):
     means_ : ndarray of shape (n_languages, n_features)
     vars_ : ndarray of shape (n_languages, n_features)
     scale_ : ndarray of shape (n_languages, n_features)
-        ``sqrt(vars_ + eps)`` (ones when ``with_std=False``).
+        ``sqrt(vars_ + eps)``, with 1 where that is 0 (ones when ``with_std=False``).
     counts_ : ndarray of shape (n_languages,)
     n_features_in_ : int
 

@@ -148,6 +148,51 @@ def test_bad_input_messages(Est, rng):
         Est().fit(X, languages="en")
 
 
+@pytest.mark.parametrize("Est", [LanguageMeanCentering, LanguageStandardizer])
+def test_more_bad_input_messages(Est, rng):
+    X = rng.normal(size=(10, 3))
+    langs = ["a"] * 5 + ["b"] * 5
+    # numbers stored as strings are refused, not silently parsed
+    with pytest.raises(ValueError, match="holds strings.*astype"):
+        Est().fit(X.astype(str), languages=langs)
+    with pytest.raises(ValueError, match="non-numeric"):
+        Est().fit(np.array([[1.0, "x"]], dtype=object))
+    # int 1 and str "1" are different labels: mixing them is an error, not a merge
+    with pytest.raises(TypeError, match="mixes label types"):
+        Est().fit(X[:4], languages=[1, 1, "1", "1"])
+    # fitted with languages, transformed without: say so (no internal sentinel)
+    est = Est().fit(X, languages=langs)
+    with pytest.raises(ValueError, match="fitted with languages=.*got no languages=") as info:
+        est.transform(X)
+    assert "__all__" not in str(info.value)
+    with pytest.raises(ValueError, match="not a torch device"):
+        Est(device="tpu").fit(X)
+    with pytest.raises(ValueError, match="only 'cpu' and 'cuda'"):
+        Est(device="meta").fit(X)
+
+
+@pytest.mark.usefixtures("kernels")
+@pytest.mark.parametrize("as_tensor", [False, True])
+def test_overflow_is_named_not_crashed(as_tensor):
+    X = np.array([[3e38], [3e38], [-3e38]], dtype=np.float32)
+    X = torch.from_numpy(X) if as_tensor else X
+    with pytest.raises(ValueError, match="finite, but computing with it overflowed.*float32"):
+        LanguageMeanCentering().fit_transform(X)
+
+
+@pytest.mark.parametrize("mode", ["fitted", "batch"])
+def test_eps_zero_constant_feature_is_centred_not_divided(mode, rng):
+    X = np.column_stack([rng.normal(size=6), np.full(6, 2.0)])
+    L = ["a"] * 3 + ["b"] * 3
+    est = LanguageStandardizer(eps=0.0, mode=mode)
+    Z = est.fit_transform(X, languages=L)
+    assert np.isfinite(Z).all()
+    np.testing.assert_array_equal(Z[:, 1], 0.0)  # scale 1 (StandardScaler's rule)
+    np.testing.assert_allclose(Z[:, 0], loop_standardize(X, np.array(L), 0.0)[:, 0])
+    if mode == "fitted":
+        np.testing.assert_array_equal(est.scale_[:, 1], 1.0)
+
+
 chunkings = st.lists(st.integers(min_value=1, max_value=40), min_size=1, max_size=8)
 
 

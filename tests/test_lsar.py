@@ -122,3 +122,10 @@ def test_float32_subspace_survives_a_large_offset():
     b = LSAR().fit(X.astype(np.float64), languages=langs)
     np.testing.assert_allclose(a.means_, b.means_, rtol=0, atol=1e-9)
     np.testing.assert_allclose(a.transform(X), b.transform(X.astype(np.float64)), atol=5e-4)
+
+
+def test_rank_message_names_the_dimension_bound(rng):
+    X = rng.normal(size=(50, 2))
+    L = np.repeat(list("abcde"), 10)
+    with pytest.raises(ValueError, match=r"min\(L - 1, n_features\) = min\(4, 2\) = 2.*<= 2"):
+        LSAR(n_components=3).fit(X, languages=L)

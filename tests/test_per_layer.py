@@ -143,3 +143,13 @@ def test_fused_path_on_every_backend(est, to_backend):
         np.testing.assert_allclose(e.means_, ref.means_, rtol=1e-6, atol=1e-6)
         np.testing.assert_allclose(back(Z[:, j]), ref.transform(X[:, j], **kw), atol=2e-5)
     np.testing.assert_array_equal(back(Z[:, 0]), X[:, 0])
+
+
+def test_empty_layers_and_feature_changing_estimator_are_clear(rng):
+    from sklearn.decomposition import PCA
+
+    X = rng.normal(size=(10, 2, 3))
+    with pytest.raises(ValueError, match="layers is empty"):
+        PerLayer(LanguageMeanCentering(), layers=[]).fit(X)
+    with pytest.raises(ValueError, match="must keep the number of features"):
+        PerLayer(PCA(n_components=2), layers=[0]).fit_transform(X)

@@ -27,6 +27,12 @@ def _fitted(rng):
     )
 
 
+def _write_config(path, cfg):
+    """Write an edited config with a valid checksum (as a deliberate editor could)."""
+    cfg["config_sha256"] = pa.persistence._config_digest(cfg)
+    (path / "config.json").write_text(json.dumps(cfg))
+
+
 def test_round_trip(rng, tmp_path):
     X, L, _, ests = _fitted(rng)
     for k, est in enumerate(ests):
@@ -76,7 +82,7 @@ def test_tampered_and_foreign_files(rng, tmp_path):
     ests[0].save(tmp_path / "e")
     cfg = json.loads((tmp_path / "e" / "config.json").read_text())
     cfg["class"] = "os.system"
-    (tmp_path / "e" / "config.json").write_text(json.dumps(cfg))
+    _write_config(tmp_path / "e", cfg)
     with pytest.raises(ValueError, match="unknown estimator class"):
         pa.load(tmp_path / "e")
 
@@ -86,3 +92,39 @@ def test_foreign_estimator_refused(tmp_path):
 
     with pytest.raises(TypeError, match="joblib"):
         pa.persistence.save(StandardScaler().fit(np.eye(3)), tmp_path / "x")
+
+
+def test_edited_config_is_refused(rng, tmp_path):
+    X, L, P, ests = _fitted(rng)
+    ests[3].save(tmp_path / "p")
+    cfg_file = tmp_path / "p" / "config.json"
+    cfg = json.loads(cfg_file.read_text())
+    cfg["params"]["center"] = False  # a plausible, valid edit: still caught
+    cfg_file.write_text(json.dumps(cfg))
+    with pytest.raises(ValueError, match="does not match its own checksum"):
+        pa.load(tmp_path / "p")
+    cfg["params"]["center"] = "yes"  # an invalid value behind a recomputed checksum
+    _write_config(tmp_path / "p", cfg)
+    with pytest.raises(ValueError, match="saved configuration.*.center. parameter"):
+        pa.load(tmp_path / "p")
+
+
+def test_procrustes_partial_fit_after_load_and_after_fit(rng, tmp_path):
+    X = rng.normal(size=(80, 3))
+    L = np.repeat(["en", "fr"], 40)
+    P = np.tile(np.arange(40), 2)
+    first = (P < 20)
+    est = pa.ProcrustesAligner().partial_fit(X[first], languages=L[first], pair_ids=P[first])
+    with pytest.warns(UserWarning, match="not saved"):
+        est.save(tmp_path / "p")
+    again = pa.load(tmp_path / "p")
+    with pytest.warns(UserWarning, match="earlier rows are not kept"):
+        again.partial_fit(X[~first], languages=L[~first], pair_ids=P[~first])
+    ref = pa.ProcrustesAligner().fit(X, languages=L, pair_ids=P)
+    # every pair lies within one of the two batches: the statistics are complete
+    np.testing.assert_allclose(again.rotations_, ref.rotations_, atol=1e-10)
+    assert again.n_pairs_ == {"fr": 40}
+    fitted = pa.ProcrustesAligner().fit(X[first], languages=L[first], pair_ids=P[first])
+    with pytest.warns(UserWarning, match="earlier rows are not kept"):
+        fitted.partial_fit(X[~first], languages=L[~first], pair_ids=P[~first])
+    np.testing.assert_allclose(fitted.rotations_, ref.rotations_, atol=1e-10)
