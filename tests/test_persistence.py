@@ -113,7 +113,7 @@ def test_procrustes_partial_fit_after_load_and_after_fit(rng, tmp_path):
     X = rng.normal(size=(80, 3))
     L = np.repeat(["en", "fr"], 40)
     P = np.tile(np.arange(40), 2)
-    first = (P < 20)
+    first = P < 20
     est = pa.ProcrustesAligner().partial_fit(X[first], languages=L[first], pair_ids=P[first])
     with pytest.warns(UserWarning, match="not saved"):
         est.save(tmp_path / "p")
