@@ -269,10 +269,19 @@ def _json_layers(layers: Any) -> str | list[int]:
     return out
 
 
+def _takes_languages(fn: Any) -> bool:
+    import inspect
+
+    try:
+        return "languages" in inspect.signature(fn).parameters
+    except (TypeError, ValueError):
+        return False
+
+
 def _encoder_attrs(encoder: Any, layers: Any, dtype: str) -> dict[str, Any]:
-    model = getattr(encoder, "model_id", None)
-    if model is None:
-        model = f"{type(encoder).__module__}.{type(encoder).__qualname__}"
+    from .encoders._identity import encoder_identity
+
+    model = encoder_identity(encoder)
     n_layers = getattr(encoder, "n_layers", None)
     hidden = getattr(encoder, "hidden_size", None)
     max_length = getattr(encoder, "max_length", None)
@@ -754,9 +763,13 @@ class EmbeddingCache:
             or (with ``append=True``) a finished cache to extend.
         encoder : object
             Needs ``encode(texts, layers=layers)`` returning float32 of shape
-            ``(n_texts, n_layers, dim)``, e.g. :class:`posthoc_align.encoders.HFEncoder`. Its
-            ``model_id``, ``pooling``, ``prefix``, ``max_length``, ``n_layers`` and
-            ``hidden_size`` are recorded when present.
+            ``(n_texts, n_layers, dim)``, e.g. :class:`posthoc_align.encoders.HFEncoder`;
+            one whose ``encode`` takes ``languages=`` (an
+            :class:`~posthoc_align.encoders.AlignedEncoder`) gets each chunk's languages.
+            Its identity (``model_id``; for a model given as an object, a fingerprint of
+            its weights; for an AlignedEncoder, the base encoder's plus a fingerprint of
+            the fitted transforms), ``pooling``, ``prefix``, ``max_length``, ``n_layers``
+            and ``hidden_size`` are recorded when present.
         texts : sequence of str
         languages : sequence of str, optional
             One per text.
@@ -820,6 +833,8 @@ class EmbeddingCache:
         chunk_rows = _check_chunk_rows(chunk_rows)
         dtype = _check_dtype(dtype)
         enc_attrs = _encoder_attrs(encoder, layers, dtype)
+        # an encoder that takes languages (AlignedEncoder) gets each chunk's labels
+        pass_languages = "languages" in fields and _takes_languages(encoder.encode)
         path = Path(path)
         attrs = _inspect(path)
         if attrs is not None and overwrite:
@@ -882,9 +897,10 @@ class EmbeddingCache:
         try:
             for a, b in _chunk_bounds(start, total, chunk_rows):
                 chunk = texts[a - offset : b - offset]
-                X = _check_block(
-                    encoder.encode(chunk, layers=layers), b - a, a, b, dtype, "encoder.encode"
-                )
+                kw = {"layers": layers}
+                if pass_languages:
+                    kw["languages"] = fields["languages"][a - offset : b - offset].tolist()
+                X = _check_block(encoder.encode(chunk, **kw), b - a, a, b, dtype, "encoder.encode")
                 block = {name: v[a - offset : b - offset] for name, v in fields.items()}
                 block["text_sha1"] = _text_sha1(chunk)
                 if writer.group is None:
@@ -1026,7 +1042,8 @@ class EmbeddingCache:
             if arr is None:
                 self._fields[name] = None
             else:
-                values = np.asarray(arr[: self._n])
+                with self._damaged(name):
+                    values = np.asarray(arr[: self._n])
                 if name == "labels":
                     values = values.astype(np.int64, copy=False)
                 elif name == "pair_ids" and self._kind == "int":
@@ -1107,13 +1124,27 @@ class EmbeddingCache:
         return np.where(idx < 0, idx + n, idx)
 
     def _read(self, a: int, b: int, sel: int | list[int] | None) -> np.ndarray:
-        if sel is None:
-            out = self._emb[a:b]
-        elif isinstance(sel, int):
-            out = self._emb[a:b, sel]
-        else:
-            out = self._emb.oindex[a:b, sel]
-        return np.asarray(out).astype(np.float32, copy=False)
+        with self._damaged(f"rows {a}..{b - 1} of embeddings"):
+            if sel is None:
+                out = self._emb[a:b]
+            elif isinstance(sel, int):
+                out = self._emb[a:b, sel]
+            else:
+                out = self._emb.oindex[a:b, sel]
+            return np.asarray(out).astype(np.float32, copy=False)
+
+    @contextlib.contextmanager
+    def _damaged(self, what: str) -> Iterator[None]:
+        """Turn a chunk that cannot be decoded (a file cut short or overwritten by
+        something else) into an error that names the cache and the fix."""
+        try:
+            yield
+        except (ValueError, RuntimeError, OSError) as exc:
+            raise ValueError(
+                f"The cache at {self.path} could not read {what}: a chunk file is damaged "
+                f"or was partly written ({type(exc).__name__}: {exc}). Rebuild it with "
+                "EmbeddingCache.build(..., overwrite=True)."
+            ) from exc
 
     def _meta(self, index: slice | np.ndarray) -> tuple[Any, Any]:
         langs, pids = self.languages, self.pair_ids

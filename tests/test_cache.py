@@ -379,6 +379,19 @@ def test_missing_chunk_file_is_a_clear_error(tmp_path):
         EmbeddingCache(tmp_path / "t.zarr")
 
 
+def test_damaged_chunk_file_is_a_clear_error_on_read(tmp_path):
+    X = np.arange(10 * 2 * 3, dtype=np.float32).reshape(10, 2, 3)
+    EmbeddingCache.from_arrays(tmp_path / "t.zarr", X, languages=["en"] * 10, chunk_rows=4)
+    files = _chunk_files(tmp_path / "t.zarr" / "embeddings")
+    raw = files[1].read_bytes()
+    files[1].write_bytes(raw[: len(raw) // 2])  # a chunk cut short
+    cache = EmbeddingCache(tmp_path / "t.zarr")
+    np.testing.assert_array_equal(cache.to_numpy(rows=slice(0, 4)), X[:4])  # intact chunk
+    for read in (cache.to_numpy, lambda: cache.layer(0)[3:6], lambda: list(cache.iter_chunks())):
+        with pytest.raises(ValueError, match=r"could not read rows.*damaged.*overwrite=True"):
+            read()
+
+
 def test_rows_completed_low_is_incomplete(tmp_path):
     texts, _, _, _ = _corpus(9)
     path = tmp_path / "c.zarr"

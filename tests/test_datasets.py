@@ -657,3 +657,13 @@ def test_public_names():
     for name in ("load_bible", "load_gettext", "load_freedict", "load_tatoeba", "load_bucc"):
         assert callable(getattr(datasets, name))
         assert name in datasets.__all__
+
+
+def test_tatoeba_refuses_xtremes_sorted_layout(tmp_path):
+    from posthoc_align.datasets import load_tatoeba
+
+    (tmp_path / "fr-en.fr").write_text("Bonjour.\nAu revoir.\n", encoding="utf-8")
+    (tmp_path / "fr-en.en").write_text("Goodbye.\nHello.\n", encoding="utf-8")
+    for langs in (None, "fr"):
+        with pytest.raises(ValueError, match="sorts.*not translations.*tatoeba.<src>-eng"):
+            load_tatoeba(tmp_path, languages=langs)

@@ -619,6 +619,21 @@ def test_truncation_warns_once_per_call(bert):
     np.testing.assert_allclose(X, cut, atol=1e-5)
 
 
+def test_texts_beyond_the_models_positions_are_truncated(model_and_tokenizer):
+    """The tiny models take 64 positions (XLM-R: 66 less its offset of 2) while their
+    tokenizers declare no limit: a 300-word text must be truncated, not crash."""
+    from posthoc_align.encoders.hf import model_position_limit
+
+    model, tok = model_and_tokenizer
+    assert model_position_limit(model) == 64
+    enc = HFEncoder(model, tok, batch_size=2, show_progress_bar=False)
+    long = " ".join(["cat"] * 300)
+    with pytest.warns(UserWarning, match="1 of 2 texts.*max_length=64"):
+        X = enc.encode([long, "red"])
+    assert np.isfinite(X).all()
+    np.testing.assert_allclose(X[1], enc.encode(["red"])[0], atol=1e-5)
+
+
 def test_bad_constructor_arguments(bert):
     model, tok = bert
     with pytest.raises(ValueError, match="tokenizer is required"):
@@ -911,6 +926,39 @@ def test_text_encoder_in_a_pipeline_on_raw_strings(bert):
     assert clone(pipe).steps[0][1].encoder is pipe.steps[0][1].encoder
 
 
+def test_text_encoder_pipeline_with_routed_languages(bert, offsets):
+    """The issue's Pipeline: TextEncoder -> LanguageMeanCentering -> classifier, with
+    languages routed (to the centring, and to an AlignedEncoder through fit_transform)."""
+    import sklearn
+
+    from posthoc_align import LanguageMeanCentering
+
+    model, tok = bert
+    enc = HFEncoder(model, tok)
+    texts, langs = TEXTS * 4, LANGS * 4
+    y = np.array([0, 1, 1, 0, 0, 1, 1] * 4)
+    with sklearn.config_context(enable_metadata_routing=True):
+        for encoder in (enc, AlignedEncoder(enc, {2: _ByLanguage(offsets)})):
+            pipe = Pipeline(
+                [
+                    ("enc", TextEncoder(encoder, layer=2)),
+                    ("align", LanguageMeanCentering()),
+                    ("clf", LogisticRegression(max_iter=1000)),
+                ]
+            )
+            pipe.fit(texts, y, languages=langs)
+            X = pipe[:-1].transform(texts, languages=langs)
+            ref = LanguageMeanCentering().fit_transform(
+                TextEncoder(encoder, layer=2).transform(texts, languages=langs), languages=langs
+            )
+            np.testing.assert_allclose(X, ref, atol=1e-5)
+            assert pipe.predict(texts, languages=langs).shape == (len(texts),)
+    te = TextEncoder(AlignedEncoder(enc, {2: _ByLanguage(offsets)}), layer=2)
+    np.testing.assert_allclose(
+        te.fit_transform(TEXTS, languages=LANGS), te.transform(TEXTS, languages=LANGS)
+    )
+
+
 def test_text_encoder_with_aligned_encoder_passes_languages(bert, offsets):
     model, tok = bert
     enc = HFEncoder(model, tok)
@@ -932,3 +980,34 @@ def test_text_encoder_bad_parameters(bert):
         TextEncoder("bert-base").fit(TEXTS)
     with pytest.raises(ValueError, match="out of range"):
         TextEncoder(enc, layer=9).fit(TEXTS)
+
+
+# -- EmbeddingCache with AlignedEncoder / in-memory models -------------------------------------
+def test_cache_of_an_aligned_encoder_gets_languages_and_records_its_identity(
+    bert, offsets, tmp_path
+):
+    import copy
+
+    from posthoc_align.cache import EmbeddingCache
+
+    model, tok = bert
+    enc = HFEncoder(model, tok, show_progress_bar=False)
+    aligned = AlignedEncoder(enc, {2: _ByLanguage(offsets)})
+    cache = EmbeddingCache.build(tmp_path / "a", aligned, TEXTS, languages=LANGS, chunk_rows=3)
+    np.testing.assert_allclose(cache.to_numpy(), aligned.encode(TEXTS, languages=LANGS), atol=1e-6)
+    assert cache.attrs["model"].startswith("aligned[<in-memory BertModel> weights ")
+    EmbeddingCache.build(tmp_path / "a", aligned, TEXTS[:2], languages=LANGS[:2], append=True)
+    other = {lang: v + 1.0 for lang, v in offsets.items()}
+    for wrong in (enc, AlignedEncoder(enc, {2: _ByLanguage(other)})):
+        with pytest.raises(ValueError, match="different encoder setup"):
+            EmbeddingCache.build(tmp_path / "a", wrong, TEXTS[:2], languages=LANGS[:2], append=True)
+    # two in-memory models are told apart by their weights
+    EmbeddingCache.build(tmp_path / "b", enc, TEXTS, chunk_rows=4)
+    model2 = copy.deepcopy(model)
+    with torch.no_grad():
+        next(model2.parameters()).add_(0.01)
+    with pytest.raises(ValueError, match="different encoder setup"):
+        EmbeddingCache.build(tmp_path / "b", HFEncoder(model2, tok), TEXTS[:2], append=True)
+    EmbeddingCache.build(
+        tmp_path / "b", HFEncoder(copy.deepcopy(model), tok), TEXTS[:2], append=True
+    )

