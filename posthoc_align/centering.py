@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import warnings
 from typing import Any
 
 import numpy as np
@@ -15,7 +16,7 @@ from ._backend import DEVICE_CONSTRAINT
 from ._base import LanguageTransformerMixin, unknown_policy_message
 from ._dask import is_dask, transform_dask
 from ._stats import LanguageMoments
-from ._validation import check_languages
+from ._validation import ALL_ROWS, check_languages
 
 __all__ = ["LanguageMeanCentering"]
 
@@ -147,6 +148,15 @@ class LanguageMeanCentering(LanguageTransformerMixin):
         gcodes, unknown = self._fitted_codes(labels, codes, policy=policy)
         T = nx.to_torch(Xc, dev)
         shift = self.means_
+        if unknown == [ALL_ROWS] and languages is None:
+            warnings.warn(
+                f"transform got no languages= although LanguageMeanCentering was fitted with "
+                f"{self.languages_.tolist()}: every row is treated as one unseen language "
+                f"(unknown_language={policy!r}). Pass languages= (in a Pipeline, turn on "
+                "metadata routing) unless that is what you want.",
+                UserWarning,
+                stacklevel=3,
+            )
         if unknown:  # policy "batch" or "global": extra rows appended to the shift table
             extra = _means_for_unknown(self, T, labels, codes, gcodes, policy)
             gcodes = gcodes.copy()

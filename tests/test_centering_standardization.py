@@ -165,6 +165,11 @@ def test_more_bad_input_messages(Est, rng):
     with pytest.raises(ValueError, match="fitted with languages=.*got no languages=") as info:
         est.transform(X)
     assert "__all__" not in str(info.value)
+    if Est is LanguageMeanCentering:  # the permissive policies apply, with a warning
+        for policy in ("batch", "global"):
+            est = Est(unknown_language=policy).fit(X, languages=langs)
+            with pytest.warns(UserWarning, match="got no languages="):
+                est.transform(X)
     with pytest.raises(ValueError, match="not a torch device"):
         Est(device="tpu").fit(X)
     with pytest.raises(ValueError, match="only 'cpu' and 'cuda'"):
