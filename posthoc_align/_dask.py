@@ -30,6 +30,8 @@ cluster: connect a ``dask.distributed.Client(address)`` before calling ``fit``.
 
 from __future__ import annotations
 
+import warnings
+
 from typing import Any
 
 import numpy as np
@@ -319,7 +321,26 @@ def partial_fit_dask(est, X, languages, pair_ids):
         pids = check_pair_ids(pids, n, required_by=type(est).__name__)
         _check_unique_pairs(labels, codes, pids)
         piv = pairs.pivot
-        for lab, (src, par) in _pair_indices(labels, codes, pids, piv).items():
+        matched = _pair_indices(labels, codes, pids, piv)
+        # a dask batch is paired within itself (its rows are not kept for later batches)
+        lab_list_ = labels.tolist()
+        piv_code = lab_list_.index(piv) if piv in lab_list_ else -1
+        n_piv = int((codes == piv_code).sum())
+        used_piv = len(np.unique(np.concatenate([par for _, par in matched.values()] or [[]])))
+        n_unpaired = (n - n_piv) - sum(len(src) for src, _ in matched.values())
+        n_unpaired += n_piv - used_piv
+        if n_unpaired and not getattr(est, "_fitting_once", False):
+            warnings.warn(
+                f"{type(est).__name__}.partial_fit: {n_unpaired} row(s) of this dask batch have "
+                "no translation partner in it and are left out: a dask batch is paired within "
+                "itself, its rows are not kept for later batches. Put every translation of a "
+                "sentence in the same dask batch (e.g. one fit() on the whole dask array), or "
+                "stream numpy batches, which are buffered until their partners arrive.",
+                UserWarning,
+                stacklevel=4,
+            )
+        pairs.released = True  # later numpy batches cannot pair with this batch's rows
+        for lab, (src, par) in matched.items():
             ka = m.shift[m.index[lab]]
             kb = m.shift[m.index[piv]]
             A = X[src].astype(np.float64) - ka

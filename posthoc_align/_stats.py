@@ -764,7 +764,8 @@ class PairMoments:
             # rows are gone, so only partners in this and later batches can be matched
             warnings.warn(
                 "continuing a Procrustes fit whose earlier rows are not kept (fit() drops "
-                "its row buffers, and save() does not store them): rows of this and later "
+                "its row buffers, save() does not store them, and dask batches are paired "
+                "within themselves): rows of this and later "
                 "partial_fit batches are paired only with partners in those batches. To "
                 "pair rows across batches, stream every batch with partial_fit() in one "
                 "session.",

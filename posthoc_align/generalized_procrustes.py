@@ -47,6 +47,10 @@ class GeneralizedProcrustes(LanguageTransformerMixin):
 
     Parameters
     ----------
+    pivot : None, default=None
+        Always None: no language is privileged (the pivot-free counterpart of
+        :class:`ProcrustesAligner`'s ``pivot``; accepted so code can switch between the
+        two by the ``pivot`` argument alone).
     n_iter : int, default=20
         Maximum number of alternating updates.
     tol : float, default=1e-8
@@ -150,16 +154,19 @@ class GeneralizedProcrustes(LanguageTransformerMixin):
         "tol": [Interval(numbers.Real, 0, None, closed="left")],
         "center": ["boolean"],
         "device": DEVICE_CONSTRAINT,
+        "pivot": [None],
     }
 
     def __init__(
         self,
         *,
+        pivot: None = None,
         n_iter: int = 20,
         tol: float = 1e-8,
         center: bool = True,
         device: Any = "auto",
     ):
+        self.pivot = pivot
         self.n_iter = n_iter
         self.tol = tol
         self.center = center

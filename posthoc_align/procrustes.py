@@ -291,7 +291,11 @@ class ProcrustesAligner(LanguageTransformerMixin):
         self
         """
         self._reset()
-        self._partial_fit(X, languages, pair_ids)
+        self._fitting_once = True  # one batch: rows without a partner are simply unpaired
+        try:
+            self._partial_fit(X, languages, pair_ids)
+        finally:
+            del self._fitting_once
         self._check_complete()
         self._pairs.release()
         return self
@@ -306,6 +310,12 @@ class ProcrustesAligner(LanguageTransformerMixin):
         return self._partial_fit(X, languages, pair_ids)
 
     def _check_metadata(self, n_rows, languages, pair_ids):
+        if self.pivot is None:
+            raise ValueError(
+                "ProcrustesAligner(pivot=None): a pivot language is needed (e.g. pivot='en'); "
+                "to map every language into a shared space with no pivot, use "
+                "GeneralizedProcrustes(pivot=None)."
+            )
         if languages is None:
             raise ValueError(
                 "ProcrustesAligner needs languages= (one label per row) so it knows which "

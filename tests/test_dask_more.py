@@ -332,3 +332,37 @@ def test_local_cluster(rng, cluster_client):
         ref_e = LanguageEraser().fit(X, languages=L)
         out = LanguageEraser().fit(Xd, languages=L).transform(Xd).compute()
         np.testing.assert_allclose(out, ref_e.transform(X), atol=1e-10)
+
+
+def test_procrustes_dask_partial_fit_pairs_within_each_batch_and_says_so(rng, sync):
+    """dask batches are paired within themselves: rows whose partner is in another batch
+    are left out with a warning (never silently), and numpy batches after them warn too."""
+    en = rng.normal(size=(100, 4))
+    de = en @ ortho_group.rvs(4, random_state=1) + 0.5 * rng.normal(size=(100, 4))
+    X, L, P = np.vstack([en, de]), np.repeat(["en", "de"], 100), np.tile(np.arange(100), 2)
+    whole = [np.r_[0:100, 100:200]]
+    split = [np.r_[0:60, 100:200], np.r_[60:100]]
+    ref = pa.ProcrustesAligner().fit(X, languages=L, pair_ids=P)
+    est = pa.ProcrustesAligner()
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # complete batches: no warning
+        for s in whole:
+            est.partial_fit(da.from_array(X[s], chunks=40), languages=L[s], pair_ids=P[s])
+    np.testing.assert_allclose(est.rotations_, ref.rotations_, atol=1e-10)
+    est = pa.ProcrustesAligner()
+    with pytest.warns(UserWarning, match="40 row.*no translation partner in it"):
+        est.partial_fit(da.from_array(X[split[0]], chunks=40), languages=L[split[0]],
+                        pair_ids=P[split[0]])  # fmt: skip
+    assert est.n_pairs_ == {"de": 60}
+    with pytest.warns(UserWarning, match="dask batches are paired within themselves"):
+        est.partial_fit(X[split[1]], languages=L[split[1]], pair_ids=P[split[1]])
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # a one-shot fit: unpaired rows are just unpaired
+        pa.ProcrustesAligner().fit(
+            da.from_array(X[split[0]], chunks=40), languages=L[split[0]], pair_ids=P[split[0]]
+        )
+    ra = pa.RotateAlign(layers=(-1,))
+    X3 = np.stack([X, X], axis=1)
+    with pytest.warns(UserWarning, match="no translation partner"):
+        ra.partial_fit(da.from_array(X3[split[0]], chunks=(40, 2, 4)), languages=L[split[0]],
+                       pair_ids=P[split[0]])  # fmt: skip

@@ -343,3 +343,17 @@ _GPA = [
 )
 def test_sklearn_compatible(estimator, check):
     check(estimator)
+
+
+def test_pivot_none_names_the_pivot_free_method(rng):
+    from posthoc_align import ProcrustesAligner
+
+    X, L, P, _ = planted(rng, n=30, d=3)
+    gpa = GeneralizedProcrustes(pivot=None).fit(X, languages=L, pair_ids=P)
+    ref = GeneralizedProcrustes().fit(X, languages=L, pair_ids=P)
+    np.testing.assert_array_equal(gpa.rotations_, ref.rotations_)
+    assert gpa.get_params()["pivot"] is None
+    with pytest.raises(ValueError, match="pivot"):
+        GeneralizedProcrustes(pivot="en").fit(X, languages=L, pair_ids=P)
+    with pytest.raises(ValueError, match=r"GeneralizedProcrustes\(pivot=None\)"):
+        ProcrustesAligner(pivot=None).fit(X, languages=L, pair_ids=P)
