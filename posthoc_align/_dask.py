@@ -31,7 +31,6 @@ cluster: connect a ``dask.distributed.Client(address)`` before calling ``fit``.
 from __future__ import annotations
 
 import warnings
-
 from typing import Any
 
 import numpy as np
