@@ -32,6 +32,18 @@ def _csv(value: str) -> list[str]:
     return [v.strip() for v in value.split(",") if v.strip()]
 
 
+def _fraction(value: str) -> float:
+    try:
+        f = float(value)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a number in (0, 1), got {value!r}") from None
+    if not 0.0 < f < 1.0:
+        raise argparse.ArgumentTypeError(
+            f"must be in (0, 1) so that both the fit and the held-out part have rows, got {f}"
+        )
+    return f
+
+
 def _layers(value: str) -> str | list[int]:
     if value == "all":
         return "all"
@@ -92,9 +104,9 @@ def build_parser() -> argparse.ArgumentParser:
     f.add_argument("--pivot", default="en")
     f.add_argument(
         "--train-fraction",
-        type=float,
+        type=_fraction,
         default=0.5,
-        help="fit on this share of the translation groups (rest held out)",
+        help="fit on this share of the translation groups, in (0, 1) (rest held out)",
     )
     f.add_argument("--seed", type=int, default=0)
     f.add_argument("--output", "-o", type=Path, required=True, help="folder for the transform")
@@ -160,6 +172,14 @@ def _split_rows(cache, seed: float, fraction: float):
     from .demo import heldout_split
 
     return heldout_split(np.asarray(cache.pair_ids), 1 - fraction, int(seed))
+
+
+def _transform_name(est) -> str:
+    """``PerLayer(LanguageMeanCentering)`` rather than a bare ``PerLayer``."""
+    inner = getattr(est, "estimator", None)
+    if inner is not None:
+        return f"{type(est).__name__}({type(inner).__name__})"
+    return type(est).__name__
 
 
 # -- subcommands ----------------------------------------------------------------
@@ -234,7 +254,13 @@ def _cmd_fit(a) -> int:
     cache = _open_cache(a.cache)
     X = cache.to_numpy()
     langs, pids = np.asarray(cache.languages), np.asarray(cache.pair_ids)
-    train, _ = _split_rows(cache, a.seed, a.train_fraction)
+    train, held = _split_rows(cache, a.seed, a.train_fraction)
+    if not train.any() or not held.any():
+        raise CLIError(
+            f"--train-fraction {a.train_fraction} of {len(np.unique(pids))} translation groups "
+            f"leaves {'no rows to fit on' if not train.any() else 'no held-out rows'}; "
+            "choose a fraction further from 0 and 1"
+        )
     if a.method == "rotatealign":
         layers = (-4, -3, -2, -1) if a.layers == "all" else tuple(a.layers)
         est = pa.RotateAlign(layers=layers, pivot=a.pivot)
@@ -263,10 +289,17 @@ def _evaluate_rows(cache, est, layers, source, targets, metrics, heldout_split):
     if heldout_split is not None:
         _, test = heldout_split
         X, langs, pids = X[test], langs[test], pids[test]
-    name = "raw" if est is None else type(est).__name__
+    name = "raw" if est is None else _transform_name(est)
     if est is not None:
         X = _apply(est, X, langs)
-    sel = range(X.shape[1]) if layers == "all" else [i % X.shape[1] for i in layers]
+    n = X.shape[1]
+    if layers != "all":
+        bad = [i for i in layers if not -n <= i < n]
+        if bad:
+            raise CLIError(
+                f"layer {bad[0]} is out of range for a cache of {n} layers (valid: {-n}..{n - 1})"
+            )
+    sel = range(n) if layers == "all" else [i % n for i in layers]
     available = sorted(set(langs.tolist()))
     if source not in available:
         raise CLIError(f"source language {source!r} not in the cache ({available})")
@@ -348,7 +381,7 @@ def main(argv: list[str] | None = None) -> int:
     except CLIError as exc:
         print(f"posthoc-align {args.command}: error: {exc}", file=sys.stderr)
         return 2
-    except (FileNotFoundError, ImportError, ValueError) as exc:
+    except (FileNotFoundError, ImportError, ValueError, IndexError) as exc:
         msg = str(exc).splitlines()[0] if str(exc) else type(exc).__name__
         print(f"posthoc-align {args.command}: error: {msg}", file=sys.stderr)
         return 2

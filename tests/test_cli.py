@@ -97,3 +97,26 @@ def test_errors_exit_2(tmp_path, capsys, cache_path):
     with pytest.raises(SystemExit) as exc:
         main(["--help"])
     assert exc.value.code == 0
+
+
+def test_bad_layers_and_fractions_exit_2_with_one_line(tmp_path, capsys, cache_path):
+    for layers in ("7", "-5"):
+        assert main(["evaluate", "--cache", str(cache_path), f"--layers={layers}"]) == 2
+        err = capsys.readouterr().err
+        assert err.count("\n") == 1 and "out of range" in err and "-3..2" in err
+    png = str(tmp_path / "m.png")
+    assert (
+        main(["plot", "--cache", str(cache_path), "--kind", "map", "--layer", "9", "-o", png]) == 2
+    )
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and "out of range" in err
+    for frac in ("1.5", "-1", "0", "1.0", "x"):
+        with pytest.raises(SystemExit) as exc:
+            main(["fit", "--cache", str(cache_path), "--method", "center",
+                  "--train-fraction", frac, "-o", str(tmp_path / "t")])  # fmt: skip
+        assert exc.value.code == 2
+        assert "(0, 1)" in capsys.readouterr().err
+    out = str(tmp_path / "t")
+    assert main(["fit", "--cache", str(cache_path), "--method", "center",
+                 "--train-fraction", "0.999", "-o", out]) == 2  # fmt: skip
+    assert "no held-out rows" in capsys.readouterr().err

@@ -744,3 +744,31 @@ def test_markdown_csv_and_frame(tmp_path, monkeypatch):
     X, langs, pids = make_data(seed=43)
     with pytest.raises(ImportError, match="pandas"):
         evaluate_pairs(X, langs, pids, metrics=["weak"], as_frame=True)
+
+
+@pytest.mark.parametrize("dtype", [np.float64, np.float32])
+def test_duplicate_targets_tie_whatever_the_block_size(dtype):
+    """A target row that is an exact copy of the gold translation ties with it (a miss),
+    and the result does not depend on memory_budget: exact duplicates get scores that
+    differ in the last bits depending on where they sit in a GEMM block."""
+    rng = np.random.default_rng(0)
+    n, d = 50, 33
+    E = rng.normal(size=(n, d))
+    S = E + 0.3 * rng.normal(size=(n, d))
+    X = np.vstack([S, E, E[:25]]).astype(dtype)  # 25 decoys: copies of gold targets
+    L = ["en"] * n + ["de"] * (n + 25)
+    P = list(range(n)) * 2 + list(range(500, 525))
+    ref_hits = {"cosine": None, "csls": None}
+    for mb in (300, 3000, 30000, 512 * 2**20):
+        for scoring in ("cosine", "csls", "dot"):
+            acc = retrieval_accuracy(X, L, P, "en", "de", scoring=scoring, memory_budget=mb)
+            assert acc <= 0.5  # every duplicated gold is a tie, hence a miss
+            if scoring in ref_hits:
+                ref_hits[scoring] = ref_hits[scoring] or acc
+                assert acc == ref_hits[scoring]
+        assert alignment_scores(X, L, P, "en", "de", memory_budget=mb)["weak"] <= 0.5
+    # mining: ties go to the first copy (a gold row), so results agree across budgets
+    f1 = {
+        mb: bitext_mining_f1(X, L, P, "en", "de", memory_budget=mb)["f1"] for mb in (300, 1 << 29)
+    }
+    assert f1[300] == f1[1 << 29]

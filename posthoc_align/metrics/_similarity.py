@@ -58,6 +58,8 @@ __all__ = [
     "check_k",
     "check_memory_budget",
     "plan_blocks",
+    "strictly_above",
+    "tie_tolerance",
     "prepare",
     "scan",
 ]
@@ -249,6 +251,25 @@ class ScanResult:
 
 
 # -- planning -----------------------------------------------------------------------
+
+
+#: scores within ``TIE_ULPS · eps · sqrt(d)`` (relative to the larger score, at least 1)
+#: of each other are a tie: the rounding of a length-``d`` dot product, so that two
+#: identical target rows (a duplicate sentence) tie wherever they sit in a block
+TIE_ULPS = 4.0
+
+
+def tie_tolerance(dtype: Any, n_features: int) -> float:
+    """Absolute tie tolerance for scores of magnitude up to 1 (see :data:`TIE_ULPS`)."""
+    eps = torch.finfo(dtype).eps if isinstance(dtype, torch.dtype) else np.finfo(dtype).eps
+    return float(TIE_ULPS * eps * np.sqrt(max(int(n_features), 1)))
+
+
+def strictly_above(a: np.ndarray, b: np.ndarray, tol: float) -> np.ndarray:
+    """``a > b`` beyond rounding: ``a − b > tol · max(1, |a|, |b|)`` (NaN: False)."""
+    a, b = np.asarray(a, dtype=np.float64), np.asarray(b, dtype=np.float64)
+    scale = np.maximum(1.0, np.maximum(np.abs(a), np.abs(np.where(np.isinf(b), 0.0, b))))
+    return (a - b) > tol * scale
 
 
 def check_memory_budget(memory_budget: Any) -> int:
@@ -465,7 +486,7 @@ def scan(
                     if excl_t is not None:
                         _mask(S, excl_t[qs], ts)
                     if k:
-                        _merge_topk(S, ts.start, top_v, top_i, qs, k)
+                        _merge_topk(S, ts.start, top_v, top_i, qs, k, Q.shape[1])
                     if gold is not None:
                         rows, cols = _in_block(gold_t[qs], ts)
                         if rows.numel():
@@ -493,13 +514,28 @@ def _mask(S: torch.Tensor, pos: torch.Tensor, ts: slice) -> None:
 
 
 def _merge_topk(
-    S: torch.Tensor, offset: int, top_v: torch.Tensor, top_i: torch.Tensor, qs: slice, k: int
+    S: torch.Tensor,
+    offset: int,
+    top_v: torch.Tensor,
+    top_i: torch.Tensor,
+    qs: slice,
+    k: int,
+    n_features: int = 0,
 ) -> None:
     """Merge a block's best ``k`` into the running top-k of rows ``qs``."""
-    if k == 1:  # argmax: first maximum wins; strict '>' keeps the earlier block on ties
-        v, i = S.max(dim=1)
-        better = v > top_v[qs, 0]
-        top_v[qs, 0] = torch.where(better, v, top_v[qs, 0])
+    if k == 1:
+        # argmax where ties (within rounding, see TIE_ULPS) go to the lowest position:
+        # the first score within the tolerance of the block's maximum, and a later block
+        # wins only when it is higher beyond the tolerance
+        v = S.amax(dim=1)
+        tol = tie_tolerance(S.dtype, n_features) if n_features else 0.0
+        scale = torch.clamp(v.abs(), min=1.0)
+        i = (S >= (v - tol * scale)[:, None]).to(torch.uint8).argmax(dim=1)
+        prev = top_v[qs, 0]
+        prev_scale = torch.clamp(torch.maximum(scale, prev.abs().nan_to_num(0.0, 0.0, 0.0)), min=1)
+        better = (v - prev) > tol * prev_scale
+        better |= torch.isneginf(prev) & ~torch.isneginf(v)
+        top_v[qs, 0] = torch.where(better, v, prev)
         top_i[qs, 0] = torch.where(better, i + offset, top_i[qs, 0])
         return
     kk = min(k, S.shape[1])
@@ -546,6 +582,14 @@ class Paired:
     def dtype(self) -> torch.dtype:
         """torch dtype of the rows of ``X`` as stored."""
         return self.source.dtype
+
+    @property
+    def n_features(self) -> int:
+        return int(self.base.shape[1])
+
+    def tie_tolerance(self) -> float:
+        """Tolerance below which two scores of these rows are a tie (see :data:`TIE_ULPS`)."""
+        return tie_tolerance(compute_dtype(self.dtype), self.n_features)
 
     @property
     def has_partner(self) -> np.ndarray:

@@ -17,6 +17,7 @@ from ._similarity import (
     prepare,
     require_pairs,
     scan,
+    strictly_above,
 )
 
 __all__ = ["alignment_scores", "pair_cosines", "unit_mean"]
@@ -197,8 +198,9 @@ def alignment_scores(
             device=p.device,
         )
     g = cross.gold_score.numpy()
-    weak = g > cross.best_other.numpy()
-    strong = weak & (g > own.best_other.numpy())
+    tol = p.tie_tolerance()  # a score equal within rounding is a tie, i.e. not above
+    weak = strictly_above(g, cross.best_other.numpy(), tol)
+    strong = weak & strictly_above(g, own.best_other.numpy(), tol)
 
     cos = pair_cosines(
         q_rows, p.target.subset(p.gold[queries]), device=p.device, memory_budget=memory_budget

@@ -124,7 +124,9 @@ def bitext_mining_f1(
       kept when ``margin >= threshold``.
     * A source row whose best target is not its translation is a false positive
       when kept; a gold pair whose source does not propose it is a false negative.
-    * Ties between candidate targets go to the lowest target row.
+    * Ties between candidate targets go to the lowest target row (scores equal within
+      rounding, ``4 · eps · sqrt(d)`` relative, are ties: a duplicated target row is
+      never chosen over its first copy, whatever ``memory_budget``).
     * Dask arrays: ``X`` may be a dask array (``languages``/``pair_ids`` numpy, or dask with
       ``X``'s row chunks). Only the rows of ``source`` and ``target`` are computed,
       window by window (``memory_budget // 4`` bytes each); targets larger than

@@ -18,6 +18,7 @@ from ._similarity import (
     prepare,
     require_pairs,
     scan,
+    strictly_above,
 )
 
 __all__ = ["retrieval_accuracy", "csls_penalties"]
@@ -144,7 +145,10 @@ def retrieval_accuracy(
     * Source rows without a translation are not queried; target rows without one
       stay in the search as distractors. ``r_S`` uses *all* source rows.
     * Ties: a query counts as correct only if its translation scores strictly
-      higher than every other target row; a tie is a miss.
+      higher than every other target row; a tie is a miss. Scores within rounding
+      of each other (``4 · eps · sqrt(d)``, relative to the larger score and at
+      least 1) are a tie, so a duplicate of the translation among the targets is a
+      tie wherever it sits, whatever ``memory_budget``.
     * ``r_T(x)`` is the same for every candidate of a query, so it cannot change
       the ranking; the search ranks by ``2 cos(x, y) − r_S(y)`` and skips that pass.
     * Scores are computed in the precision of ``X`` (float32 stays float32).
@@ -183,4 +187,4 @@ def retrieval_accuracy(
     )
     queries = require_pairs(p, "retrieval_accuracy", source, target)
     g, best = _gold_and_best(p, queries, scoring, k, memory_budget)
-    return float(np.mean(g > best))
+    return float(np.mean(strictly_above(g, best, p.tie_tolerance())))
