@@ -11,7 +11,7 @@ from sklearn.utils.validation import check_is_fitted
 
 from ._apply import affine_by_language
 from ._backend import DEVICE_CONSTRAINT
-from ._base import LanguageTransformerMixin
+from ._base import LanguageTransformerMixin, languages_array
 from ._covariance import check_finite_rows
 from ._dask import is_dask, transform_dask
 from ._stats import row_blocks
@@ -83,7 +83,7 @@ class LanguageEraser(LanguageTransformerMixin):
     Attributes
     ----------
     languages_ : ndarray of shape (n_languages,)
-        Sorted languages; fixed by the first ``fit``/``partial_fit`` call.
+        Sorted languages seen so far.
     counts_ : ndarray of shape (n_languages,)
         Rows seen per language.
     means_ : ndarray of shape (n_languages, n_features)
@@ -124,8 +124,9 @@ class LanguageEraser(LanguageTransformerMixin):
     oracle's ``Σ_zz`` is inverted exactly (tolerance below its smallest possible
     eigenvalue, ``1 / (2 (L − 1) n)``). Languages are coded one-hot without the
     last language's column (same concept, same eraser; no structurally zero
-    direction). The language set is fixed by the first call: an unknown language
-    in a later ``partial_fit`` is an error.
+    direction). A language first seen in a later ``partial_fit`` batch widens the
+    concept (every earlier row has a zero in its column, so its moments so far are
+    exactly zero): streaming a language-sorted cache equals one fit.
 
     The fitter's whole state is kept as public arrays (``counts_``, ``means_``,
     ``global_mean_``, ``covariance_``, ``n_samples_seen_``), so ``partial_fit``
@@ -193,8 +194,9 @@ class LanguageEraser(LanguageTransformerMixin):
     def partial_fit(self, X, y=None, languages=None):
         """Add a batch to the streamed statistics and recompute the eraser.
 
-        The first call fixes ``languages_``; later batches may hold any subset
-        of them, but no new language.
+        Later batches may hold any subset of the languages seen so far and new
+        ones (e.g. a cache streamed in language-major order): a new language widens
+        the one-hot concept, and the result equals one fit over all the rows.
         """
         return self._partial_fit(X, languages)
 
@@ -228,14 +230,28 @@ class LanguageEraser(LanguageTransformerMixin):
             return labels, codes
         gcodes, unknown = self._fitted_codes(labels, codes, policy="ignore")
         if unknown:
-            raise ValueError(
-                f"LanguageEraser: language(s) {unknown} are not among the languages "
-                f"fixed by the first fit/partial_fit call ({self.languages_.tolist()}); the "
-                "one-hot language concept has one column per language. Call fit() on "
-                "data covering every language, or make the first partial_fit batch "
-                "contain at least one row of each language."
-            )
+            self._add_languages(unknown)
+            gcodes, _ = self._fitted_codes(labels, codes, policy="ignore")
         return self.languages_, gcodes
+
+    def _add_languages(self, new: list) -> None:
+        """Widen the one-hot concept by languages first seen in a later batch.
+
+        Every earlier row has ``z = 0`` in a new language's column, so the new
+        column's moments are exactly zero so far: the state gains a language with
+        count 0 and the fitter is rebuilt from it (the column dropped from the
+        one-hot code moves to the new last language, the same concept). The result
+        equals one fit over all the rows.
+        """
+        old = self.languages_.tolist()
+        langs = languages_array(old + list(new))
+        pos = np.array([langs.tolist().index(lab) for lab in old], dtype=np.int64)
+        counts = np.zeros(len(langs), dtype=np.int64)
+        counts[pos] = self.counts_
+        means = np.zeros((len(langs), self.means_.shape[1]))
+        means[pos] = self.means_
+        self.languages_, self.counts_, self.means_ = langs, counts, means
+        self.__dict__.pop("_fitter", None)  # rebuilt from the widened state
 
     def _partial_fit_dask(self, ce: Any, X, languages, first: bool):
         """One dask pass for the fitter's moments, combined with the state so far.
