@@ -390,6 +390,22 @@ def transform_dask(est, X, languages, n_features_out: int | None = None):
     X = check_dask_X(X, ndim=X.ndim)
     languages = labels_numpy(languages, X, "languages")
     langs = None if languages is None else _to_1d_numpy(languages, "languages", X.shape[0])
+    # what can be checked without computing anything is checked now, not at .compute()
+    n_in = getattr(est, "n_features_in_", None)
+    if n_in is not None and X.shape[-1] != n_in:
+        raise ValueError(
+            f"X has {X.shape[-1]} features, but {type(est).__name__} is expecting {n_in} "
+            "features as input."
+        )
+    if (
+        langs is not None
+        and hasattr(est, "languages_")
+        and getattr(est, "unknown_language", "error") == "error"
+        and getattr(est, "mode", "fitted") != "batch"
+    ):
+        from ._validation import check_languages
+
+        est._fitted_codes(*check_languages(langs, X.shape[0]), policy="error")
     dtype = X.dtype if X.dtype in (np.float32, np.float64) else np.float64
     kw = {}
     if n_features_out is not None and n_features_out != X.shape[-1]:

@@ -113,6 +113,7 @@ def alignment_profile(
     from . import PerLayer
     from .demo import heldout_split
     from .metrics import evaluate_pairs
+    from .per_layer import _accepted
 
     X, langs, pids = _as_arrays(encoder, dataset, pooling)
     available = sorted(set(langs.tolist()))
@@ -126,19 +127,25 @@ def alignment_profile(
     if not train.any() or not test.any():
         raise ValueError("too few translation groups to split into train and test")
     transforms = default_transforms() if transforms is None else dict(transforms)
-    outputs = {"raw": X[test]}
+    outputs = {"raw": [X[test][:, i] for i in range(X.shape[1])]}
     for name, est in transforms.items():
         est = clone(est)
         if "pivot" in est.get_params():
             est.set_params(pivot=source)
         per_layer = PerLayer(est).fit(X[train], languages=langs[train], pair_ids=pids[train])
-        outputs[name] = per_layer.transform(X[test], languages=langs[test])
+        # layer by layer (not PerLayer.transform): a transform may change the width,
+        # e.g. LanguageAxes(mode="keep_neutral"), and the metrics take any width
+        Xt = X[test]
+        outputs[name] = [
+            fitted.transform(Xt[:, i], **_accepted(fitted.transform, languages=langs[test]))
+            for i, fitted in zip(per_layer.layers_, per_layer.estimators_, strict=True)
+        ]
     rows: list[dict[str, Any]] = []
     pairs = [(source, t) for t in targets]
     for name, Z in outputs.items():
-        for layer in range(Z.shape[1]):
+        for layer in range(len(Z)):
             rows += evaluate_pairs(
-                Z[:, layer],
+                Z[layer],
                 langs[test],
                 pids[test],
                 pairs=pairs,

@@ -366,3 +366,22 @@ def test_procrustes_dask_partial_fit_pairs_within_each_batch_and_says_so(rng, sy
     with pytest.warns(UserWarning, match="no translation partner"):
         ra.partial_fit(da.from_array(X3[split[0]], chunks=(40, 2, 4)), languages=L[split[0]],
                        pair_ids=P[split[0]])  # fmt: skip
+
+
+def test_dask_transform_checks_what_it_can_at_call_time(rng):
+    X = rng.normal(size=(150, 5))
+    L = np.repeat(["en", "fr", "de"], 50)
+    Xd = da.from_array(X, chunks=40)
+    P = np.tile(np.arange(50), 3)
+    for est in (
+        pa.LanguageMeanCentering().fit(X, languages=L),
+        pa.LanguageStandardizer().fit(X, languages=L),
+        pa.ProcrustesAligner().fit(X, languages=L, pair_ids=P),
+        LanguageEraser(oracle=True).fit(X, languages=L),
+    ):
+        with pytest.raises(ValueError, match="expecting 5 features"):
+            est.transform(Xd[:, :3], languages=L)  # no .compute() needed
+        with pytest.raises(ValueError, match=r"\['xx'\] were not seen"):
+            est.transform(Xd, languages=np.array(["xx"] * 150))
+    lazy = pa.LanguageMeanCentering(unknown_language="global").fit(X, languages=L)
+    assert lazy.transform(Xd, languages=np.array(["xx"] * 150)).shape == (150, 5)

@@ -138,3 +138,28 @@ def test_profile_bad_input(rng):
         )
     with pytest.raises(ValueError, match="has no 'data'"):
         alignment_profile(None, {"languages": []})
+
+
+def test_profile_takes_width_changing_transforms(rng):
+    from posthoc_align.axes import LanguageAxes
+    from posthoc_align.demo import heldout_split
+    from posthoc_align.metrics import retrieval_accuracy
+
+    X = rng.normal(size=(60, 2, 6))
+    L = np.repeat(["en", "fr", "de"], 20)
+    P = np.tile(np.arange(20), 3)
+    axes = LanguageAxes(mode="keep_neutral", n_neutral=4)
+    rows = alignment_profile(
+        None, (X, L, P), transforms={"kn": axes}, metrics=("retrieval_cosine",)
+    )
+    train, test = heldout_split(P, 0.5, 0)
+    fitted = LanguageAxes(mode="keep_neutral", n_neutral=4).fit(X[train][:, 0], languages=L[train])
+    Z = fitted.transform(X[test][:, 0])
+    assert Z.shape[1] == 4
+    ref = retrieval_accuracy(Z, L[test], P[test], "en", "fr")
+    got = [
+        r["value"]
+        for r in rows
+        if r["transform"] == "kn" and r["layer"] == 0 and r["target"] == "fr"
+    ]
+    assert got == [pytest.approx(ref)]
