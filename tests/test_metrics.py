@@ -409,6 +409,10 @@ def test_precision_at_one_is_a_share(X, data):
     de_ids = pids[langs == "de"]
     if len(set(de_ids.tolist())) != len(de_ids):
         return  # duplicate pair_ids within the target language are an error
+    en_ids = pids[langs == "en"]
+    paired_en = en_ids[np.isin(en_ids, de_ids)]
+    if len(set(paired_en.tolist())) != len(paired_en):
+        return  # so are duplicates among the source rows that have a translation
     S, T, gold = split(X, langs, pids, "en", "de")
     for scoring in ("cosine", "dot", "csls"):
         p = retrieval_accuracy(X, langs, pids, "en", "de", scoring=scoring, k=2)
@@ -772,3 +776,10 @@ def test_duplicate_targets_tie_whatever_the_block_size(dtype):
         mb: bitext_mining_f1(X, L, P, "en", "de", memory_budget=mb)["f1"] for mb in (300, 1 << 29)
     }
     assert f1[300] == f1[1 << 29]
+
+
+def test_duplicate_source_pair_ids_are_an_error():
+    X = np.random.default_rng(0).normal(size=(5, 3))
+    L = ["en", "en", "de", "de", "de"]
+    with pytest.raises(ValueError, match="occurs on 2 rows of source language 'en'"):
+        retrieval_accuracy(X, L, [0, 0, 0, 1, 2], "en", "de")

@@ -664,6 +664,15 @@ def prepare(
                 f"rows of target language {target!r}; within one language each pair_id must "
                 "be unique (rows sharing a pair_id are translations)."
             )
+        count_s = np.bincount(cs, minlength=n_ids)
+        dup = (count_s[cs] > 1) & (count_t[cs] > 0)
+        if dup.any():
+            bad = src[np.argmax(dup)]
+            raise ValueError(
+                f"pair_id {pids[bad]!r} occurs on {count_s[cs][dup][0]} rows of source "
+                f"language {source!r}; within one language each pair_id must be unique "
+                "(rows sharing a pair_id are translations)."
+            )
         pos = np.full(n_ids, -1, dtype=np.int64)
         pos[ct] = np.arange(tgt.size)
         gold = pos[cs]
