@@ -74,8 +74,11 @@ def check_X(
             "dask arrays are supported through the estimator's fit/transform entry points only"
         )
     kind_in = getattr(X, "dtype", None)
-    if kind_in is None and isinstance(X, list | tuple):
-        kind_in = np.asarray(X).dtype if len(X) else None
+    if kind_in is None and isinstance(X, list | tuple) and len(X):
+        # a look at the first entry, not a second conversion of a possibly large list
+        first = X[0][0] if isinstance(X[0], list | tuple) and len(X[0]) else X[0]
+        if isinstance(first, str | bytes):
+            kind_in = np.asarray([first]).dtype
     if getattr(kind_in, "kind", None) in ("U", "S"):
         raise ValueError(
             f"{name} holds strings (dtype {kind_in}); pass numeric data. If the strings "
