@@ -75,6 +75,8 @@ SPECS = [
     ("perlayer", "layered"),
     ("center", "many"),
     ("std", "many"),
+    ("std_batch", "many"),
+    ("procrustes", "many"),
     ("lsar", "many"),
 ]
 
@@ -816,7 +818,8 @@ Targets: fit/ceiling <= {FIT_VS_CEILING}, transform/ceiling <= {TRANSFORM_VS_CEI
 loop/ours >= 1 (>= {LOOP_SPEEDUP_MANY:g} at 100 languages; LSAR's transform has no language \
 loop), peak < {PEAK_VS_INPUT:g}x input.
 Times: best of the rounds after a warm-up on 1/8 of the rows; ours, ceiling and loop \
-interleaved per round. Ceilings (faster of numpy/torch, preallocated outputs): X.sum(0) \
+interleaved per round. Ceilings (the faster of numpy/torch, picked on the warm-up subset; \
+preallocated outputs): X.sum(0) \
 for mean/variance fits; subtract(X, v, out) for elementwise transforms (batch \
 standardisation: X.sum(0) + subtract); sum over languages of A.T@B (paired rows x d) for \
 Procrustes fits (the d x d SVDs are not in the ceiling); X@W (n x d x d) for the Procrustes \

@@ -352,6 +352,10 @@ def partial_fit_dask(est, X, languages, pair_ids):
             )
     (res,) = dask.compute(todo)
     m.add(res.pop("moments"))
+    m.input_eps = max(
+        m.input_eps,
+        float(np.finfo(np.dtype(X.dtype)).eps) if np.dtype(X.dtype).kind == "f" else 0.0,
+    )
     if pairs is not None:
         for lab, (S, sa, sb, cnt) in res.items():
             pairs.add_moments(lab, np.asarray(S), np.asarray(sa), np.asarray(sb), cnt)

@@ -123,6 +123,9 @@ class LanguageMoments:
         self.shift: np.ndarray | None = None
         self.sums: np.ndarray | None = None
         self.sumsq: np.ndarray | None = None
+        #: machine epsilon of the least precise input seen (rounding already in the data:
+        #: e.g. the residual means of float32 rows centred in float32 are ~eps32, not 0)
+        self.input_eps = 0.0
 
     # -- streaming ------------------------------------------------------------
     def _global_codes(self, T: torch.Tensor, labels: np.ndarray, codes: np.ndarray) -> np.ndarray:
@@ -177,7 +180,10 @@ class LanguageMoments:
             self.sumsq,
         )
         try:
-            return self._update(T, labels, codes, name)
+            out = self._update(T, labels, codes, name)
+            if T.is_floating_point():
+                self.input_eps = max(self.input_eps, float(torch.finfo(T.dtype).eps))
+            return out
         except Exception:
             (self.labels, self.index, self.counts, self.shift, self.sums, self.sumsq) = saved
             raise
@@ -391,6 +397,7 @@ class LanguageMoments:
         m.labels = list(self.labels)
         m.index = dict(self.index)
         m.counts = self.counts.copy()
+        m.input_eps = self.input_eps
         if self.shift is not None:
             m.shift = self.shift[:, cols].copy()
             m.sums = self.sums[:, cols].copy()
@@ -404,6 +411,7 @@ class LanguageMoments:
             raise ValueError("can only add moments built on the same languages and shifts")
         self.sums += other.sums
         self.counts += other.counts
+        self.input_eps = max(self.input_eps, getattr(other, "input_eps", 0.0))
         if self.sumsq is not None:
             self.sumsq += other.sumsq
         return self
@@ -435,6 +443,7 @@ class LanguageMoments:
             "labels": self.labels,
             "second_moments": self.second_moments,
             "compensated": self.compensated,
+            "input_eps": self.input_eps,
         }
         arrays = {"counts": self.counts}
         if self.shift is not None:
@@ -449,6 +458,7 @@ class LanguageMoments:
         m.labels = list(meta["labels"])
         m.index = {lab: i for i, lab in enumerate(m.labels)}
         m.counts = np.asarray(arrays["counts"], dtype=np.float64)
+        m.input_eps = float(meta.get("input_eps", 0.0))
         if "shift" in arrays:
             m.shift = np.asarray(arrays["shift"], dtype=np.float64)
             m.sums = np.asarray(arrays["sums"], dtype=np.float64)

@@ -146,7 +146,14 @@ class LSAR(LanguageTransformerMixin):
         # on already centred data): removing them would delete arbitrary directions
         # data scale from the reference rows (one real row per language)
         scale = max(float(np.abs(m.shift).max()), float(np.abs(self.means_).max()))
-        tol = scale * max(self.means_.shape) * 1e3 * np.finfo(float).eps
+        # and rounding already in the input: float32 rows centred in float32 keep
+        # residual means of up to ~eps32 · scale per entry, so the noise singular values
+        # reach sqrt(L · d) · eps32 · scale (8x that is the cut for float32 input)
+        eps_in = max(getattr(m, "input_eps", 0.0), np.finfo(float).eps)
+        tol = scale * max(
+            max(self.means_.shape) * 1e3 * np.finfo(float).eps,
+            8.0 * np.sqrt(self.means_.size) * eps_in,
+        )
         rank = int((s > max(tol, 1e-300)).sum())
         if r > rank:
             if isinstance(self.n_components, numbers.Integral):

@@ -129,3 +129,24 @@ def test_rank_message_names_the_dimension_bound(rng):
     L = np.repeat(list("abcde"), 10)
     with pytest.raises(ValueError, match=r"min\(L - 1, n_features\) = min\(4, 2\) = 2.*<= 2"):
         LSAR(n_components=3).fit(X, languages=L)
+
+
+@pytest.mark.parametrize("dtype", [np.float32, np.float64])
+def test_centred_input_is_left_alone_in_its_own_precision(rng, dtype, tmp_path):
+    """float32 rows centred in float32 keep residual language means of ~1e-7 (rounding):
+    those are no language subspace, LSAR must not remove (arbitrary) directions."""
+    from posthoc_align import LanguageMeanCentering, load
+
+    X = (rng.normal(size=(300, 16)) * 5 + rng.normal(size=16) * 20).astype(dtype)
+    L = np.repeat(["en", "fr", "de"], 100)
+    Xc = LanguageMeanCentering().fit_transform(X, languages=L)
+    est = LSAR().fit(Xc, languages=L)
+    assert est.n_components_ == 0
+    np.testing.assert_array_equal(est.transform(Xc), Xc)
+    # the precision of the input survives partial_fit after save/load
+    half = LSAR().partial_fit(Xc[::2], languages=L[::2])
+    half.save(tmp_path / "l")
+    again = load(tmp_path / "l").partial_fit(Xc[1::2], languages=L[1::2])
+    assert again.n_components_ == 0
+    # real language offsets are still found in float32
+    assert LSAR().fit(X, languages=L).n_components_ == 2
