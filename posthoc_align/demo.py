@@ -87,6 +87,11 @@ def run_demo(
     from .encoders import load_offline_encoder
 
     cache_dir = Path(cache_dir)
+    if pivot not in languages:  # the pivot is the retrieval source: checked before encoding
+        raise ValueError(
+            f"languages {list(languages)} must include the pivot {pivot!r} (the retrieval "
+            f"source and RotateAlign's target), e.g. --languages {pivot},{','.join(languages)}"
+        )
     targets = [lang for lang in languages if lang != pivot]
     t0 = time.perf_counter()
     bible = load_bible(

@@ -120,3 +120,11 @@ def test_bad_layers_and_fractions_exit_2_with_one_line(tmp_path, capsys, cache_p
     assert main(["fit", "--cache", str(cache_path), "--method", "center",
                  "--train-fraction", "0.999", "-o", out]) == 2  # fmt: skip
     assert "no held-out rows" in capsys.readouterr().err
+
+
+def test_demo_without_the_pivot_fails_before_encoding(tmp_path, capsys):
+    # no model, no data read: the check comes first
+    assert main(["demo", "--languages", "fr,de", "--cache-dir", str(tmp_path / "d")]) == 2
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and "must include the pivot 'en'" in err
+    assert not (tmp_path / "d").exists()
