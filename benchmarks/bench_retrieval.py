@@ -160,7 +160,9 @@ def main(argv: list[str] | None = None) -> None:
 
     print(machine(args.threads))
     print(f"float32 data, d={args.d}, CSLS k={args.k}, memory_budget={args.budget_mib} MiB")
-    print("each row: one call in a fresh process (cold: no warm-up, no repeats, for both methods)\n")
+    print(
+        "each row: one call in a fresh process (cold: no warm-up, no repeats, for both methods)\n"
+    )
     common = {"d": args.d, "k": args.k, "threads": args.threads, "budget": args.budget_mib * 2**20}
     header = f"{'method':<10}{'scoring':<8}{'queries x targets':>20}"
     header += f"{'P@1':>8}{'seconds':>10}{'peak MiB':>10}"

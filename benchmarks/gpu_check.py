@@ -298,7 +298,11 @@ def fit_timings(devices: list[str], n: int, d: int, n_lang: int) -> None:
         except Exception as exc:  # noqa: BLE001
             cells.append(f"ERROR {type(exc).__name__}: {str(exc)[:80]} | –")
     n_s = len(take)
-    emit(f"| RotateAlign, last 4 of {n_s:,} × {n_l} × {d_s}, {len(np.unique(Ls))} langs | " + " | ".join(cells) + " |")
+    emit(
+        f"| RotateAlign, last 4 of {n_s:,} × {n_l} × {d_s}, {len(np.unique(Ls))} langs | "
+        + " | ".join(cells)
+        + " |"
+    )
     emit("")
 
 
