@@ -10,8 +10,10 @@ then fits ``LanguageStandardizer`` three ways and checks they agree:
 1. ``dask.distributed.LocalCluster`` (process workers with ``--memory-limit`` each)
    on ``cache.to_dask(layer=0)``: block-wise float64 moments reduced in a tree;
 2. one process streaming ``cache.iter_chunks`` into ``partial_fit``;
-Reports rows/s, the peak memory of each worker (sampled by the scheduler) and of
-the streaming process, and the largest difference between the fitted statistics.
+Reports rows/s, the peak RSS of each worker (polled from the client every 0.2 s),
+the cluster's total memory (sampled by the scheduler), whether a worker was replaced
+during the fit, the peak of the streaming process, and the largest difference between
+the fitted statistics.
 
 At 100 M rows nothing changes on the client: the statistics are L×d (and d×d for
 Procrustes), so only the workers' share of the blocks grows; point the same code at
@@ -51,6 +53,40 @@ def _write_cache(path: Path, gb: float, dim: int, chunk_rows: int, seed: int):
         path, (X + off)[:, None, :], languages=langs, chunk_rows=chunk_rows, overwrite=True
     )
     return cache, langs, time.perf_counter() - t0
+
+
+def _worker_rss() -> int:
+    import psutil
+
+    return int(psutil.Process().memory_info().rss)
+
+
+class _WorkerPeaks:
+    """Largest RSS of each worker process during a fit, polled from a client thread."""
+
+    def __init__(self, client, interval: float = 0.2):
+        import threading
+
+        self.client, self.interval = client, interval
+        self.peaks: dict[str, int] = {}
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._run, daemon=True)
+
+    def _run(self) -> None:
+        while not self._stop.is_set():
+            try:
+                for w, rss in self.client.run(_worker_rss).items():
+                    self.peaks[w] = max(self.peaks.get(w, 0), rss)
+            except Exception:  # noqa: BLE001 - a worker restarting mid-poll
+                pass
+            self._stop.wait(self.interval)
+
+    def start(self) -> None:
+        self._thread.start()
+
+    def stop(self) -> None:
+        self._stop.set()
+        self._thread.join()
 
 
 def main() -> None:
@@ -98,11 +134,21 @@ def main() -> None:
     )
     ms = MemorySampler()
     X = cache.to_dask(layer=0)
+    workers_before = set(client.scheduler_info()["workers"])
+    poll = _WorkerPeaks(client)
+    poll.start()
     with ms.sample("fit"):
         t0 = time.perf_counter()
         est_dask = LanguageStandardizer().fit(X, languages=langs)
         t_dask = time.perf_counter() - t0
+    poll.stop()
     peak = ms.to_pandas()["fit"].max() / 2**30 if hasattr(ms, "to_pandas") else float("nan")
+    lost = workers_before - set(client.scheduler_info()["workers"])
+    print(
+        f"peak RSS per worker (polled every {poll.interval} s): "
+        + ", ".join(f"{v / 2**30:.2f} GiB" for v in poll.peaks.values())
+        + f"; workers replaced during the fit: {len(lost)}"
+    )
     client.close()
     if cluster is not None:
         cluster.close()
@@ -124,7 +170,8 @@ def main() -> None:
     print("|---|---|---|---|")
     print(
         f"| LocalCluster ({a.workers} workers, {a.memory_limit} each) | {t_dask:.1f} | "
-        f"{n / t_dask:,.0f} | {peak:.2f} GiB cluster total (sampled) |"
+        f"{n / t_dask:,.0f} | {max(poll.peaks.values(), default=float('nan')) / 2**30:.2f} GiB "
+        f"largest worker peak; {peak:.2f} GiB cluster total (sampled) |"
     )
     print(
         f"| one process, iter_chunks + partial_fit | {t_stream:.1f} | {n / t_stream:,.0f} | "
