@@ -90,10 +90,13 @@ class LanguageTransformerMixin(OneToOneFeatureMixin, TransformerMixin, BaseEstim
         if first:
             self._moments = self._new_moments()
             self._pairs = self._new_pairs()
+        pairs = getattr(self, "_pairs", None)
+        # every check before any statistic changes: a rejected batch leaves the fit as it was
+        prepared = pairs.check(labels, codes, pids) if pairs is not None else None
         T = nx.to_torch(Xc, dev)
         self._moments.update(T, labels, codes)
-        if getattr(self, "_pairs", None) is not None:
-            self._pairs.update(T, labels, codes, pids, self._moments)
+        if pairs is not None:
+            pairs.update(T, labels, codes, pids, self._moments, _prepared=prepared)
         self._finalize(dev)
         return self
 

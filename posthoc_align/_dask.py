@@ -289,12 +289,19 @@ def partial_fit_dask(est, X, languages, pair_ids):
     # reference row of every language new to the moments: one small compute
     new = [i for i, lab in enumerate(lab_list) if lab not in m.index and (codes == i).any()]
     if new:
-        # the shared reference row (see _stats): the moments' own, or this array's first
-        if m.labels:
-            ref = m.shift[0]
+        if m.second_moments:
+            # each language's own first row (see LanguageMoments._reference_rows): one
+            # small compute of a row per new language
+            first = [int(np.argmax(codes == i)) for i in new]
+            rows = np.asarray(X[np.array(first)].compute(), dtype=np.float64)
+            if not np.isfinite(rows).all():
+                from ._validation import raise_non_finite
+
+                raise_non_finite(rows)
         else:
-            ref = reference_row(X)
-        rows = np.tile(ref, (len(new), 1))
+            # the shared reference row (see _stats): the moments' own, or this array's first
+            ref = m.shift[0] if m.labels else reference_row(X)
+            rows = np.tile(ref, (len(new), 1))
         if m.shift is None:
             m.shift, m.sums = np.zeros((0, d)), np.zeros((0, d))
             m.sumsq = np.zeros((0, d)) if m.second_moments else None

@@ -18,7 +18,8 @@ sums, :data:`BLOCK_ROWS` for pair products).  Inside a block the
 work runs in the input precision (float32 stays float32, so segmented sums and GEMMs
 run at full speed); every block result is added into a float64 accumulator.  Each
 language's data are shifted by a fixed reference row (the first row seen of that
-language; one row shared by all languages, the first row seen) before summing, so
+language; one row shared by all languages, the first row seen, when only sums are
+needed) before summing, so
 sums of squares and cross-products do not lose precision to large means (the
 "shifted data" algorithm; Chan, Golub & LeVeque 1983).  float64 input is float64 throughout (agreement with a two-pass float64
 computation ~1e-12 relative).  float32 input: first-moment-only sums (centring)
@@ -142,16 +143,7 @@ class LanguageMoments:
             present = np.bincount(codes, minlength=len(lab_list)) > 0
             new = [i for i in new if present[i]]
             if new:
-                # one reference row shared by every language (the first row ever seen):
-                # the shift is then a broadcast subtraction, not a per-row gather, and
-                # language offsets are small next to the magnitudes it removes
-                if len(self.labels):
-                    ref = self.shift[0]
-                else:
-                    ref = T[int(np.argmax(codes == new[0]))].to(torch.float64).cpu().numpy()
-                    if not np.isfinite(ref).all():
-                        raise_non_finite(T)
-                rows = np.tile(ref, (len(new), 1))
+                rows = self._reference_rows(T, codes, new)
                 for i in new:
                     self.index[lab_list[i]] = len(self.labels)
                     self.labels.append(lab_list[i])
@@ -162,6 +154,32 @@ class LanguageMoments:
                     self.sumsq = np.vstack([self.sumsq, np.zeros_like(rows)])
         lut = np.array([self.index.get(lab, -1) for lab in lab_list], dtype=np.int64)
         return lut[codes]
+
+    def _reference_rows(self, T: torch.Tensor, codes: np.ndarray, new: list[int]) -> np.ndarray:
+        """Shift rows (float64) for the batch languages ``new`` (codes), first seen now.
+
+        With second moments each language gets its own first row: a variance is
+        ``Σ(x−s)²/n − (Σ(x−s)/n)²``, which cancels catastrophically when ``s`` is far
+        from the language (another language's row, 10⁴ away, lost half the digits of
+        a 10⁻⁶ variance). First moments only need ``Σ(x−s)``, exact enough for any
+        ``s``: they share one row, the first ever seen, so the shift is a broadcast
+        subtraction rather than a per-row gather on the torch path.
+        """
+        if self.second_moments:
+            first = np.full(int(codes.max()) + 1 if len(codes) else 0, -1, dtype=np.int64)
+            # first occurrence of each code: reversed assignment keeps the smallest index
+            idx = np.arange(len(codes) - 1, -1, -1)
+            first[codes[idx]] = idx
+            take = torch.from_numpy(first[new]).to(T.device)
+            rows = T.index_select(0, take).to(torch.float64).cpu().numpy()
+        elif len(self.labels):
+            rows = np.tile(self.shift[0], (len(new), 1))
+        else:
+            ref = T[int(np.argmax(codes == new[0]))].to(torch.float64).cpu().numpy()
+            rows = np.tile(ref, (len(new), 1))
+        if not np.isfinite(rows).all():
+            raise_non_finite(T)
+        return rows
 
     def update(
         self, T: torch.Tensor, labels: np.ndarray, codes: np.ndarray, *, name: str = "X"
@@ -626,6 +644,11 @@ def _has_repeats(key: np.ndarray, n_keys: int) -> bool:
     return np.unique(key).size < key.size
 
 
+def _plain(value: Any) -> Any:
+    """A numpy scalar as the Python value (``5``, not ``np.int64(5)``, in messages)."""
+    return value.item() if isinstance(value, np.generic) else value
+
+
 class PairMoments:
     """Cross-products between each language's rows and their pivot partners.
 
@@ -658,6 +681,9 @@ class PairMoments:
         self._ids = _IdCodes()
         self._pivot_rows = _CodedRowStore()
         self._pending: dict[Hashable, _CodedRowStore] = {}
+        # per non-pivot language, the id codes whose row is already paired (a later row
+        # of that language with the same id is a duplicate, as in one fit)
+        self._paired: dict[Hashable, np.ndarray] = {}
         self.released = False
 
     def n_pending(self) -> dict[Hashable, int]:
@@ -756,6 +782,52 @@ class PairMoments:
         self.sb[lab] += sb.cpu().numpy()
         self.count[lab] += n
 
+    def check(self, labels: np.ndarray, codes: np.ndarray, pair_ids: np.ndarray) -> tuple:
+        """Validate a batch's pair ids against itself and earlier batches; change nothing.
+
+        Raises ``ValueError`` for a pair_id repeated within one language, in this
+        batch or against rows kept from earlier batches. Returns what :meth:`update`
+        needs, so that a batch is either rejected before any statistic changes or
+        accumulated whole.
+        """
+        lab_list = _labels_list(labels)
+        pid_labels, pid_codes = _factorize_ids(pair_ids)
+        codes = np.asarray(codes, dtype=np.int64)
+        key = codes * len(pid_labels) + pid_codes
+        if len(key) and _has_repeats(key, len(lab_list) * len(pid_labels)):
+            uniq, first, cnt = np.unique(key, return_index=True, return_counts=True)
+            bad = first[np.argmax(cnt > 1)]
+            raise ValueError(
+                f"pair_id {_plain(pair_ids[bad])!r} occurs {cnt.max()} times in language "
+                f"{lab_list[codes[bad]]!r}; within one language each pair_id must be unique "
+                "(rows sharing a pair_id are translations in different languages)."
+            )
+        id_values = pid_labels.tolist()
+        # global code of each of the batch's distinct ids (-1: never buffered)
+        gid = self._ids.lookup(id_values)
+        order = np.argsort(codes, kind="stable")
+        bounds = np.searchsorted(codes[order], np.arange(len(lab_list) + 1))
+        for c, lab in enumerate(lab_list):
+            u = pid_codes[order[bounds[c] : bounds[c + 1]]]
+            if u.size == 0:
+                continue
+            g = gid[u]
+            if lab == self.pivot:
+                clash = self._pivot_rows.position(g) >= 0
+            else:
+                store = self._pending.get(lab)
+                clash = self._was_paired(lab, g)
+                if store is not None and store.live:
+                    clash |= store.position(g) >= 0
+            if clash.any():
+                which = "pivot language" if lab == self.pivot else "language"
+                raise ValueError(
+                    f"pair_id {_plain(id_values[u[np.argmax(clash)]])!r} of {which} {lab!r} was "
+                    "already seen in an earlier batch; each pair_id must be unique within "
+                    "a language."
+                )
+        return lab_list, pid_codes, id_values, gid, codes, order, bounds
+
     def update(
         self,
         T: torch.Tensor,
@@ -763,11 +835,13 @@ class PairMoments:
         codes: np.ndarray,
         pair_ids: np.ndarray,
         shifts: LanguageMoments,
+        _prepared: tuple | None = None,
     ) -> PairMoments:
         """Match this batch's rows with pivot partners and accumulate their products.
 
         ``shifts`` must already include this batch (it provides each language's
-        reference row).
+        reference row). ``_prepared`` is :meth:`check`'s result for this batch (the
+        caller validates before it changes any statistics).
         """
         if self.released:
             # continuing after fit() or a load: the statistics go on, but the earlier
@@ -783,23 +857,8 @@ class PairMoments:
                 stacklevel=4,
             )
             self.released = False
-        lab_list = _labels_list(labels)
-        pid_labels, pid_codes = _factorize_ids(pair_ids)
-        codes = np.asarray(codes, dtype=np.int64)
-        key = codes * len(pid_labels) + pid_codes
-        if len(key) and _has_repeats(key, len(lab_list) * len(pid_labels)):
-            uniq, first, cnt = np.unique(key, return_index=True, return_counts=True)
-            bad = first[np.argmax(cnt > 1)]
-            raise ValueError(
-                f"pair_id {pair_ids[bad]!r} occurs {cnt.max()} times in language "
-                f"{lab_list[codes[bad]]!r}; within one language each pair_id must be unique "
-                "(rows sharing a pair_id are translations in different languages)."
-            )
-        id_values = pid_labels.tolist()
-        # global code of each of the batch's distinct ids (-1: never buffered)
-        gid = self._ids.lookup(id_values)
-        order = np.argsort(codes, kind="stable")
-        bounds = np.searchsorted(codes[order], np.arange(len(lab_list) + 1))
+        prep = _prepared if _prepared is not None else self.check(labels, codes, pair_ids)
+        lab_list, pid_codes, id_values, gid, codes, order, bounds = prep
         dev = T.device
         piv_code = lab_list.index(self.pivot) if self.pivot in lab_list else -1
         # the centres of the rows: running means, this batch included
@@ -808,14 +867,6 @@ class PairMoments:
         if piv_code >= 0:
             prow = order[bounds[piv_code] : bounds[piv_code + 1]]
             u = pid_codes[prow]
-            g = gid[u]
-            clash = self._pivot_rows.position(g) >= 0
-            if clash.any():
-                raise ValueError(
-                    f"pair_id {id_values[u[np.argmax(clash)]]!r} of pivot language "
-                    f"{self.pivot!r} was already seen in an earlier batch; each pair_id must "
-                    "be unique within a language."
-                )
             g = self._register(gid, u, id_values)
             self._pivot_rows.add(T, prow, g, means[shifts.index[self.pivot]])
             # rows from earlier batches that were waiting for these pivot rows
@@ -840,6 +891,7 @@ class PairMoments:
                         work,
                     )
                     store.remove(gw)
+                    self._mark_paired(lab, gw)
         for c, lab in enumerate(lab_list):
             if c == piv_code:
                 continue
@@ -849,14 +901,6 @@ class PairMoments:
             u = pid_codes[rows]
             g = gid[u]
             store = self._pending.get(lab)
-            if store is not None and store.live:
-                clash = store.position(g) >= 0
-                if clash.any():
-                    raise ValueError(
-                        f"pair_id {id_values[u[np.argmax(clash)]]!r} of language {lab!r} was "
-                        "already seen in an earlier batch; each pair_id must be unique within "
-                        "a language."
-                    )
             pos = self._pivot_rows.position(g)
             hit = pos >= 0
             if hit.any():
@@ -873,6 +917,7 @@ class PairMoments:
                     shifts.shift[i_p],
                     work,
                 )
+                self._mark_paired(lab, g[hit])
             if not hit.all():
                 miss = ~hit
                 gm = self._register(gid, u[miss], id_values)
@@ -880,6 +925,27 @@ class PairMoments:
                     store = self._pending[lab] = _CodedRowStore()
                 store.add(T, rows[miss], gm, means[shifts.index[lab]])
         return self
+
+    def _was_paired(self, lab: Hashable, g: np.ndarray) -> np.ndarray:
+        """Whether each id code ``g`` of language ``lab`` already has a paired row."""
+        seen = self._paired.get(lab)
+        out = np.zeros(g.shape, dtype=bool)
+        if seen is not None:
+            ok = (g >= 0) & (g < seen.size)
+            out[ok] = seen[g[ok]]
+        return out
+
+    def _mark_paired(self, lab: Hashable, g: np.ndarray) -> None:
+        if g.size == 0:
+            return
+        seen = self._paired.get(lab)
+        need = int(g.max()) + 1
+        if seen is None or seen.size < need:
+            grown = np.zeros(max(need, 2 * (0 if seen is None else seen.size)), dtype=bool)
+            if seen is not None:
+                grown[: seen.size] = seen
+            seen = self._paired[lab] = grown
+        seen[g] = True
 
     def _register(self, gid: np.ndarray, u: np.ndarray, id_values: list) -> np.ndarray:
         """Global codes of the batch ids ``u``, assigning new ones (``gid`` updated)."""
@@ -913,6 +979,7 @@ class PairMoments:
         self._ids = _IdCodes()
         self._pivot_rows = _CodedRowStore()
         self._pending = {}
+        self._paired = {}
         self.released = True
 
     def cross_covariance(

@@ -425,3 +425,43 @@ def test_negative_strides_and_tensors_requiring_grad(rng, cls):
     Zt = cls().fit(T, languages=langs).transform(T, languages=langs)
     assert isinstance(Zt, torch.Tensor) and not Zt.requires_grad
     np.testing.assert_array_equal(Zt.numpy(), ref[::-1])
+
+
+@pytest.mark.parametrize("mode", ["fitted", "batch"])
+@pytest.mark.parametrize("chunks", [None, 3])
+def test_standardizer_variances_with_distant_language_offsets(mode, chunks):
+    # each language is shifted by its own reference row: a language 10⁴ away from
+    # another must not lose its 10⁻⁶ variances to cancellation (review finding)
+    rng = np.random.default_rng(0)
+    n, d = 600, 4
+    a = 1e4 + rng.normal(size=(n, d))
+    b = 1e-3 * rng.normal(size=(n, d))
+    X = np.vstack([a, b])
+    langs = np.array(["a"] * n + ["b"] * n)
+    perm = rng.permutation(2 * n)
+    X, langs = X[perm], langs[perm]
+    est = LanguageStandardizer(mode=mode, eps=0.0)
+    if chunks is None:
+        est.fit(X, languages=langs)
+    else:
+        for part in np.array_split(np.arange(2 * n), chunks):
+            est.partial_fit(X[part], languages=langs[part])
+    Z = est.transform(X, languages=langs)
+    for lab, rows in (("a", a), ("b", b)):
+        ref = (X[langs == lab] - rows.mean(0)) / rows.std(0)
+        np.testing.assert_allclose(Z[langs == lab], ref, rtol=1e-7, atol=1e-7)
+    if mode == "fitted":
+        np.testing.assert_allclose(est.vars_[1], b.var(0), rtol=1e-9)
+        np.testing.assert_allclose(est.vars_[0], a.var(0), rtol=1e-9)
+
+
+def test_standardizer_distant_offsets_dask():
+    da = pytest.importorskip("dask.array")
+    rng = np.random.default_rng(1)
+    n, d = 400, 3
+    X = np.vstack([1e4 + rng.normal(size=(n, d)), 1e-3 * rng.normal(size=(n, d))])
+    langs = np.array(["a"] * n + ["b"] * n)
+    perm = rng.permutation(2 * n)
+    X, langs = X[perm], langs[perm]
+    est = LanguageStandardizer(eps=0.0).fit(da.from_array(X, chunks=150), languages=langs)
+    np.testing.assert_allclose(est.vars_[1], X[langs == "b"].var(0), rtol=1e-9)

@@ -297,3 +297,44 @@ def test_solves_together_equals_immediate_solves_and_fails_safe(rng):
     others = [k for k in range(3) if k != pivot]
     assert np.isnan(c.rotations_[others]).all()
     np.testing.assert_array_equal(c.rotations_[pivot], np.eye(6))
+
+
+def _two_language_data(seed=0):
+    rng = np.random.default_rng(seed)
+    X = rng.normal(size=(60, 3))
+    X[30:] = X[:30] @ np.linalg.qr(rng.normal(size=(3, 3)))[0] + 2
+    return X, np.repeat(["en", "fr"], 30), np.tile(np.arange(30), 2)
+
+
+@pytest.mark.filterwarnings("ignore:fewer pivot pairs")
+@pytest.mark.parametrize("flaw", ["duplicate_in_batch", "seen_before"])
+def test_rejected_partial_fit_batch_leaves_the_fit_unchanged(flaw):
+    X, langs, ids = _two_language_data()
+    A, B, C = np.r_[0:10, 30:40], np.r_[20:30, 50:60], np.r_[10:20, 40:50]
+    bad = ids.copy()
+    if flaw == "duplicate_in_batch":
+        bad[21] = bad[20]  # two 'en' rows with one pair_id in the batch
+    else:
+        bad[50] = ids[30]  # an 'fr' id already paired in batch A
+    est = ProcrustesAligner().partial_fit(X[A], languages=langs[A], pair_ids=ids[A])
+    with pytest.raises(ValueError, match="pair_id"):
+        est.partial_fit(X[B], languages=langs[B], pair_ids=bad[B])
+    est.partial_fit(X[C], languages=langs[C], pair_ids=ids[C])
+    rows = np.r_[A, C]
+    ref = ProcrustesAligner().fit(X[rows], languages=langs[rows], pair_ids=ids[rows])
+    np.testing.assert_allclose(est.means_, ref.means_, atol=1e-12)
+    np.testing.assert_allclose(est.rotations_, ref.rotations_, atol=1e-10)
+    assert est.n_pairs_ == ref.n_pairs_
+
+
+@pytest.mark.filterwarnings("ignore:fewer pivot pairs")
+def test_duplicate_non_pivot_id_across_batches_is_refused_like_fit():
+    X = np.random.default_rng(0).normal(size=(6, 3))
+    langs = np.array(["en", "en", "en", "fr", "fr", "fr"])
+    ids = np.array([0, 1, 2, 0, 1, 0])
+    with pytest.raises(ValueError, match="pair_id 0 occurs 2 times"):
+        ProcrustesAligner().fit(X, languages=langs, pair_ids=ids)
+    est = ProcrustesAligner().partial_fit(X[:5], languages=langs[:5], pair_ids=ids[:5])
+    with pytest.raises(ValueError, match="pair_id 0 of language 'fr' was already seen"):
+        est.partial_fit(X[5:], languages=langs[5:], pair_ids=ids[5:])
+    assert est.n_pairs_ == {"fr": 2}
