@@ -263,6 +263,7 @@ class PerLayer(TransformerMixin, BaseEstimator, auto_wrap_output_keys=None):
         # one output buffer: the passed-through layers are copied into it and every
         # fitted layer's kernel writes straight into its slice (no copy of the stack)
         if nx.name == "torch":
+            X = X.detach()  # as the 2-D estimators: a tensor out, outside the autograd graph
             T = X if X.dtype in (torch.float32, torch.float64) else X.double()
             out = _empty_like(T, T.dtype)
             out_t = out

@@ -4,9 +4,11 @@ A saved estimator is a directory::
 
     config.json          format, format version, library version, class name,
                          parameters, JSON-able learned attributes, checksums
-                         (of the arrays file, and of this file's own content)
+                         (of the arrays file, of this file's own content and
+                         of each nested estimator's config.json)
     arrays.safetensors   every numeric learned array (float64 kept)
-    <child>/             nested estimators (e.g. one per layer of RotateAlign)
+    <child>/             nested estimators (e.g. one per layer of RotateAlign), each
+                         bound to this save by its config checksum
 
 Loading runs no code from the files: the class is looked up by name among the
 package's own estimators, and arrays are read by safetensors. A modified or
@@ -45,7 +47,9 @@ from ._version import __version__
 __all__ = ["save", "load", "FORMAT", "FORMAT_VERSION"]
 
 FORMAT = "posthoc_align.estimator"
-FORMAT_VERSION = 2  # 2: config.json checksums its own content (version 1 did not)
+#: 2: config.json checksums its own content (version 1 did not); 3: it also records the
+#: checksum of each nested estimator's config, so a child directory cannot be swapped
+FORMAT_VERSION = 3
 _CONFIG = "config.json"
 _ARRAYS = "arrays.safetensors"
 _OBJECTS = {
@@ -120,6 +124,11 @@ def save(est: BaseEstimator, path: str | Path) -> None:
     est : posthoc_align estimator
     path : str or Path
     """
+    _save(est, path)
+
+
+def _save(est: BaseEstimator, path: str | Path) -> str:
+    """:func:`save`; returns the checksum of the written config (bound by a parent)."""
     from safetensors.numpy import save_file
 
     path = Path(path)
@@ -131,10 +140,10 @@ def save(est: BaseEstimator, path: str | Path) -> None:
         )
     path.mkdir(parents=True, exist_ok=True)
     arrays: dict[str, np.ndarray] = {}
-    params, attrs, objects, children = {}, {}, {}, {}
+    params, attrs, objects, children, child_sha = {}, {}, {}, {}, {}
     for k, v in est.get_params(deep=False).items():
         if isinstance(v, BaseEstimator):
-            save(v, path / f"param.{k}")
+            child_sha[f"param.{k}"] = _save(v, path / f"param.{k}")
             children[f"param.{k}"] = k
         else:
             params[k] = _json_value(v)
@@ -143,10 +152,13 @@ def save(est: BaseEstimator, path: str | Path) -> None:
             v, LanguageMoments | PairMoments | ScatterMoments
         ):
             if isinstance(v, PairMoments) and v.has_buffers():
+                pending = v.n_pending()
+                waiting = (
+                    f"rows still waiting for pivot partners ({pending}) and " if pending else ""
+                )
                 warnings.warn(
-                    f"{cls}: rows still waiting for pivot partners ({v.n_pending()}) and the "
-                    "kept pivot rows are not saved; a loaded copy pairs later partial_fit "
-                    "rows only with partners in the later batches.",
+                    f"{cls}: {waiting}the kept pivot rows are not saved; a loaded copy "
+                    "pairs later partial_fit rows only with partners in the later batches.",
                     UserWarning,
                     stacklevel=2,
                 )
@@ -161,7 +173,7 @@ def save(est: BaseEstimator, path: str | Path) -> None:
             arrays[k] = np.ascontiguousarray(v)
         elif isinstance(v, list) and v and all(isinstance(e, BaseEstimator) for e in v):
             for i, e in enumerate(v):
-                save(e, path / f"{k}.{i}")
+                child_sha[f"{k}.{i}"] = _save(e, path / f"{k}.{i}")
             children[k] = len(v)
         else:
             attrs[k] = _json_value(v)
@@ -176,10 +188,12 @@ def save(est: BaseEstimator, path: str | Path) -> None:
         "attributes": attrs,
         "objects": objects,
         "children": children,
+        "children_sha256": child_sha,
         "arrays_sha256": digest,
     }
     config["config_sha256"] = _config_digest(config)
     (path / _CONFIG).write_text(json.dumps(config, indent=1))
+    return config["config_sha256"]
 
 
 def load(path: str | Path) -> BaseEstimator:
@@ -193,6 +207,11 @@ def load(path: str | Path) -> BaseEstimator:
         ``path`` is not a posthoc_align save, was written by a newer format, or
         its files were modified.
     """
+    return _load(Path(path))[0]
+
+
+def _load(path: Path, expected_sha: str | None = None) -> tuple[BaseEstimator, str | None]:
+    """:func:`load`; also checks the config's checksum against a parent's record."""
     from safetensors import SafetensorError
     from safetensors.numpy import load_file
 
@@ -211,7 +230,13 @@ def load(path: str | Path) -> BaseEstimator:
         raise ValueError(f"{cfg_file} is not valid JSON ({exc}); the save is corrupted") from exc
     if not isinstance(cfg, dict) or cfg.get("format") != FORMAT:
         raise ValueError(f"{cfg_file} is not a posthoc_align estimator config")
-    if cfg.get("format_version", 0) > FORMAT_VERSION:
+    version = cfg.get("format_version")
+    if type(version) is not int or version < 1:
+        raise ValueError(
+            f"{cfg_file}: format_version is {version!r}, not a positive integer; the file "
+            "was edited or is not a posthoc_align save. Save the estimator again."
+        )
+    if version > FORMAT_VERSION:
         raise ValueError(
             f"{path} uses format version {cfg['format_version']}, newer than this library's "
             f"{FORMAT_VERSION} (posthoc_align {__version__}); upgrade posthoc_align."
@@ -223,11 +248,24 @@ def load(path: str | Path) -> BaseEstimator:
             UserWarning,
             stacklevel=2,
         )
-    if cfg.get("format_version", 0) >= 2 and cfg.get("config_sha256") != _config_digest(cfg):
+    if version == 1:
+        warnings.warn(
+            f"{path} was saved in format version 1, whose {_CONFIG} has no checksum: edits "
+            "to its parameters cannot be detected. Save it again to get the checks.",
+            UserWarning,
+            stacklevel=3,
+        )
+    if version >= 2 and cfg.get("config_sha256") != _config_digest(cfg):
         raise ValueError(
             f"{cfg_file} does not match its own checksum: the file was edited or corrupted "
             "after saving. Save the estimator again (edit parameters with set_params on the "
             "loaded estimator, not in the file)."
+        )
+    if expected_sha is not None and cfg.get("config_sha256") != expected_sha:
+        raise ValueError(
+            f"{path} is not the nested estimator its parent saved (its {_CONFIG} checksum "
+            "differs from the parent's record): a child directory was replaced or edited. "
+            "Save the whole estimator again."
         )
     raw = arr_file.read_bytes()
     if hashlib.sha256(raw).hexdigest() != cfg.get("arrays_sha256"):
@@ -244,16 +282,24 @@ def load(path: str | Path) -> BaseEstimator:
         raise ValueError(f"{path}: unknown estimator class {cfg.get('class')!r}")
     try:
         params = {k: _from_json(v) for k, v in cfg["params"].items()}
-        for child, k in cfg["children"].items():
-            if child.startswith("param."):
-                params[k] = load(path / child)
+        bound = cfg.get("children_sha256") if version >= 3 else None
+
+        def child(name: str) -> BaseEstimator:
+            sha = None
+            if bound is not None:
+                sha = bound[name]  # KeyError: an unrecorded child (caught below)
+            return _load(path / name, sha)[0]
+
+        for name, k in cfg["children"].items():
+            if name.startswith("param."):
+                params[k] = child(name)
         est = cls(**params)
         est._validate_params()
         for k, v in cfg["attributes"].items():
             setattr(est, k, _from_json(v))
         for k, v in cfg["children"].items():
             if not k.startswith("param."):
-                setattr(est, k, [load(path / f"{k}.{i}") for i in range(int(v))])
+                setattr(est, k, [child(f"{k}.{i}") for i in range(int(v))])
         for k, spec in cfg["objects"].items():
             prefix = f"{k}/"
             arrs = {n[len(prefix) :]: a for n, a in arrays.items() if n.startswith(prefix)}
@@ -267,4 +313,4 @@ def load(path: str | Path) -> BaseEstimator:
         ) from exc
     except ValueError as exc:  # e.g. InvalidParameterError from _validate_params
         raise ValueError(f"{path}: the saved configuration is invalid ({exc})") from exc
-    return est
+    return est, cfg.get("config_sha256")

@@ -153,3 +153,16 @@ def test_empty_layers_and_feature_changing_estimator_are_clear(rng):
         PerLayer(LanguageMeanCentering(), layers=[]).fit(X)
     with pytest.raises(ValueError, match="must keep the number of features"):
         PerLayer(PCA(n_components=2), layers=[0]).fit_transform(X)
+
+
+@pytest.mark.parametrize("layers", [[-1], [3, 0], "all"])
+def test_transform_of_a_tensor_that_requires_grad(layers):
+    # a tensor in gives a tensor out, detached, as for the 2-D estimators (review finding)
+    X = torch.tensor(np.random.default_rng(0).normal(size=(40, 4, 3)), requires_grad=True)
+    langs = ["en"] * 20 + ["fr"] * 20
+    for inner in (LanguageMeanCentering(), LSAR()):
+        est = PerLayer(inner, layers=layers).fit(X, languages=langs)
+        out = est.transform(X, languages=langs)
+        assert isinstance(out, torch.Tensor) and not out.requires_grad
+        ref = est.transform(X.detach().numpy(), languages=langs)
+        np.testing.assert_allclose(out.numpy(), ref)

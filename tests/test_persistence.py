@@ -128,3 +128,52 @@ def test_procrustes_partial_fit_after_load_and_after_fit(rng, tmp_path):
     with pytest.warns(UserWarning, match="earlier rows are not kept"):
         fitted.partial_fit(X[~first], languages=L[~first], pair_ids=P[~first])
     np.testing.assert_allclose(fitted.rotations_, ref.rotations_, atol=1e-10)
+
+
+@pytest.mark.parametrize("version", ["3", None, [3], 0, True, "missing"])
+def test_format_version_must_be_a_positive_integer(rng, tmp_path, version):
+    X, L, P, ests = _fitted(rng)
+    ests[0].save(tmp_path / "c")
+    cfg = json.loads((tmp_path / "c" / "config.json").read_text())
+    if version == "missing":
+        del cfg["format_version"]
+    else:
+        cfg["format_version"] = version
+    _write_config(tmp_path / "c", cfg)
+    with pytest.raises(ValueError, match="format_version is .* not a positive integer"):
+        pa.load(tmp_path / "c")
+
+
+def test_format_version_1_loads_with_a_warning(rng, tmp_path):
+    # version 1 had no config checksum: lowering the version must not pass silently
+    X, L, P, ests = _fitted(rng)
+    ests[3].save(tmp_path / "p")
+    cfg = json.loads((tmp_path / "p" / "config.json").read_text())
+    cfg["format_version"] = 1
+    del cfg["config_sha256"]
+    (tmp_path / "p" / "config.json").write_text(json.dumps(cfg))
+    with pytest.warns(UserWarning, match="format version 1.*no checksum"):
+        est = pa.load(tmp_path / "p")
+    np.testing.assert_allclose(
+        est.transform(X[:, 0], languages=L), ests[3].transform(X[:, 0], languages=L)
+    )
+
+
+def test_swapped_child_directory_is_refused(rng, tmp_path):
+    X, L, P, ests = _fitted(rng)
+    ests[4].save(tmp_path / "ra")  # RotateAlign: one child per rotated layer
+    other = pa.LanguageMeanCentering().fit(rng.normal(size=(20, 3)), languages=L[:20])
+    other.save(tmp_path / "other")
+    child = tmp_path / "ra" / "estimators_.0"
+    for name in ("config.json", "arrays.safetensors"):
+        (child / name).write_bytes((tmp_path / "other" / name).read_bytes())
+    with pytest.raises(ValueError, match="not the nested estimator its parent saved"):
+        pa.load(tmp_path / "ra")
+    # the nested estimator of a PerLayer parameter is bound the same way
+    ests[5].save(tmp_path / "pl")
+    inner = tmp_path / "pl" / "param.estimator"
+    cfg = json.loads((inner / "config.json").read_text())
+    cfg["params"]["unknown_language"] = "batch"
+    _write_config(inner, cfg)
+    with pytest.raises(ValueError, match="not the nested estimator its parent saved"):
+        pa.load(tmp_path / "pl")
