@@ -28,6 +28,25 @@ __all__ = [
 ALL_ROWS = "__all__"
 
 
+def _ndim_hint(got: int, want: int) -> str:
+    """How to fix an input with ``got`` dimensions where ``want`` are expected."""
+    if want == 2 and got == 3:
+        return (
+            "For a stack of layers (n_rows, n_layers, n_features) wrap the estimator in "
+            "PerLayer(est, layers=...) (or use RotateAlign), or pick one layer with X[:, i]."
+        )
+    if want == 2 and got == 1:
+        return "Reshape a single row with X.reshape(1, -1)."
+    if want == 3 and got == 2:
+        return (
+            "This estimator takes a layer stack; use the inner estimator on a single layer, "
+            "or add a layer axis with X[:, None, :]."
+        )
+    if want == 3 and got == 1:
+        return "Reshape a single row of one layer with X.reshape(1, 1, -1)."
+    return ""
+
+
 def check_X(
     X: Any,
     *,
@@ -50,8 +69,7 @@ def check_X(
             raise ValueError(
                 f"Expected a {ndim}-D tensor {name} of shape "
                 f"{'(n_rows, n_features)' if ndim == 2 else '(n_rows, n_layers, n_features)'}, "
-                f"got shape {tuple(X.shape)}. "
-                + ("Reshape a single row with X.reshape(1, -1)." if X.ndim == 1 else "")
+                f"got shape {tuple(X.shape)}. " + _ndim_hint(X.ndim, ndim)
             )
         if X.is_complex() or X.dtype == torch.bool:
             raise ValueError(f"{name} has dtype {X.dtype}; pass real floating-point data.")
@@ -101,10 +119,16 @@ def check_X(
                 f"{name} holds non-numeric values ({exc}); pass a numeric array of shape "
                 "(n_rows, n_features)."
             ) from exc
+        got = np.ndim(X) if isinstance(X, np.ndarray) else None
+        if got is not None and got > ndim:
+            raise ValueError(f"{exc} {_ndim_hint(got, ndim)}") from exc
         raise
     if X.ndim != ndim:
         shape = "(n_rows, n_features)" if ndim == 2 else "(n_rows, n_layers, n_features)"
-        raise ValueError(f"Expected a {ndim}-D array {name} of shape {shape}, got shape {X.shape}.")
+        raise ValueError(
+            f"Expected a {ndim}-D array {name} of shape {shape}, got shape {X.shape}. "
+            + _ndim_hint(X.ndim, ndim)
+        )
     return backend_for(X), X
 
 
@@ -130,6 +154,15 @@ def raise_non_finite(X: Any, name: str = "X", offset: int = 0) -> None:
         f"{str(T.dtype).replace('torch.', '')} (largest |value| {big:.3g}). Rescale {name} "
         "(e.g. divide by its largest value) or pass float64 data."
     )
+
+
+def _is_missing(v: Any) -> bool:
+    """None, a float NaN, or pandas' NA/NaT (without importing pandas)."""
+    if v is None:
+        return True
+    if isinstance(v, float | np.floating):
+        return bool(np.isnan(v))
+    return type(v).__name__ in ("NAType", "NaTType")
 
 
 def _to_1d_numpy(values: Any, name: str, n_rows: int) -> np.ndarray:
@@ -159,8 +192,14 @@ def _to_1d_numpy(values: Any, name: str, n_rows: int) -> np.ndarray:
     if arr.dtype.kind == "f" and np.isnan(arr).any():
         raise ValueError(f"{name} contains NaN; every row needs a label.")
     if arr.dtype.kind == "O":
-        if any(v is None for v in arr.tolist()):
-            raise ValueError(f"{name} contains None; every row needs a label.")
+        values_list = arr.tolist()
+        missing = next((i for i, v in enumerate(values_list) if _is_missing(v)), None)
+        if missing is not None:
+            raise ValueError(
+                f"{name} contains a missing value ({values_list[missing]!r} at row {missing}); "
+                "every row needs a label. Fill or drop those rows (e.g. Series.fillna / "
+                "dropna) first."
+            )
         kinds = {type(v) for v in arr.tolist()}
         if len(kinds) > 1 and not all(issubclass(k, (int, np.integer)) for k in kinds):
             if all(issubclass(k, str | np.str_) for k in kinds):

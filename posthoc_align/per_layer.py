@@ -4,12 +4,13 @@ from __future__ import annotations
 
 import inspect
 from collections.abc import Hashable, Sequence
+from numbers import Integral
 from typing import Any
 
 import numpy as np
 import torch
-from sklearn.base import BaseEstimator, TransformerMixin, clone
-from sklearn.utils._param_validation import HasMethods
+from sklearn.base import BaseEstimator, TransformerMixin, _fit_context, clone
+from sklearn.utils._param_validation import HasMethods, Interval, StrOptions
 from sklearn.utils._set_output import _get_output_config
 from sklearn.utils.validation import check_is_fitted
 
@@ -68,6 +69,14 @@ def _accepted(method, **kwargs) -> dict:
     return {k: v for k, v in kwargs.items() if k in params and v is not None}
 
 
+#: ``layers``: "all", one layer index, or a sequence of them (bools are refused)
+_LAYERS: list = [
+    StrOptions({"all"}),
+    Interval(Integral, None, None, closed="neither"),
+    "array-like",
+]
+
+
 class PerLayer(TransformerMixin, BaseEstimator, auto_wrap_output_keys=None):
     """Fit a clone of ``estimator`` on each selected layer of a layer stack.
 
@@ -112,7 +121,7 @@ class PerLayer(TransformerMixin, BaseEstimator, auto_wrap_output_keys=None):
 
     _parameter_constraints: dict = {
         "estimator": [HasMethods(["fit", "transform"])],
-        "layers": [str, int, Sequence],
+        "layers": _LAYERS,
     }
 
     def __init__(self, estimator: Any, *, layers: str | int | Sequence[int] = "all"):
@@ -132,8 +141,11 @@ class PerLayer(TransformerMixin, BaseEstimator, auto_wrap_output_keys=None):
             layers = [layers]
         out = []
         for i in layers:
-            if not isinstance(i, int | np.integer):
-                raise TypeError(f"layers must hold ints, got {i!r}")
+            if isinstance(i, bool | np.bool_) or not isinstance(i, int | np.integer):
+                raise TypeError(
+                    f"layers must hold ints (layer indices), got {i!r}; e.g. layers=[-1] "
+                    "for the last layer or 'all'."
+                )
             j = int(i) + n_layers if i < 0 else int(i)
             if not 0 <= j < n_layers:
                 raise ValueError(
@@ -157,6 +169,11 @@ class PerLayer(TransformerMixin, BaseEstimator, auto_wrap_output_keys=None):
             nx = None
         else:
             nx, X = check_X(X, ndim=3, estimator=self)
+        if X.shape[1] == 0:
+            raise ValueError(
+                f"X has shape {tuple(X.shape)}: no layers. {type(self).__name__} takes a "
+                "stack (n_rows, n_layers, n_features) with at least one layer."
+            )
         if reset:
             self.n_layers_in_, self.n_features_in_ = int(X.shape[1]), int(X.shape[2])
         elif (X.shape[1], X.shape[2]) != (self.n_layers_in_, self.n_features_in_):
@@ -167,6 +184,7 @@ class PerLayer(TransformerMixin, BaseEstimator, auto_wrap_output_keys=None):
             )
         return nx, X
 
+    @_fit_context(prefer_skip_nested_validation=False)
     def fit(self, X, y=None, languages=None, pair_ids=None):
         """Fit one clone per selected layer.
 
@@ -224,6 +242,8 @@ class PerLayer(TransformerMixin, BaseEstimator, auto_wrap_output_keys=None):
     def partial_fit(self, X, y=None, languages=None, pair_ids=None):
         """Stream a batch into every layer's clone."""
         first = not hasattr(self, "estimators_")
+        if first:
+            self._validate_params()
         _, X = self._check_3d(X, reset=first)
         if first:
             self.layers_ = self._resolve_layers(X.shape[1])
@@ -391,7 +411,7 @@ class RotateAlign(PerLayer):
     """
 
     _parameter_constraints: dict = {
-        "layers": [str, int, Sequence],
+        "layers": _LAYERS,
         "pivot": [Hashable],
         "center": ["boolean"],
         "device": DEVICE_CONSTRAINT,

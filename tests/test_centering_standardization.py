@@ -1,6 +1,7 @@
 """Centring and standardisation against per-language loops written here."""
 
 import numpy as np
+import pandas as pd
 import pytest
 import torch
 from hypothesis import HealthCheck, given, settings
@@ -465,3 +466,20 @@ def test_standardizer_distant_offsets_dask():
     X, langs = X[perm], langs[perm]
     est = LanguageStandardizer(eps=0.0).fit(da.from_array(X, chunks=150), languages=langs)
     np.testing.assert_allclose(est.vars_[1], X[langs == "b"].var(0), rtol=1e-9)
+
+
+@pytest.mark.parametrize(
+    "make",
+    [
+        lambda labs: labs[:2] + [None] + labs[3:],
+        lambda labs: np.array(labs[:2] + [np.nan] + labs[3:], dtype=object),
+        lambda labs: pd.Categorical(labs[:2] + [None] + labs[3:]),
+        lambda labs: pd.Series(labs[:2] + [pd.NA] + labs[3:], dtype="string"),
+        lambda labs: pd.Series(labs).where(np.arange(len(labs)) != 2),
+    ],
+)
+def test_missing_language_labels_are_named_as_missing(make):
+    X = np.random.default_rng(0).normal(size=(6, 2))
+    labs = ["en", "fr", "en", "fr", "en", "fr"]
+    with pytest.raises(ValueError, match="missing value .* at row 2.*needs a label"):
+        LanguageMeanCentering().fit(X, languages=make(labs))

@@ -8,7 +8,7 @@ import torch
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from posthoc_align import LSAR, LanguageMeanCentering, LanguageStandardizer, PerLayer
+from posthoc_align import LSAR, LanguageMeanCentering, LanguageStandardizer, PerLayer, RotateAlign
 
 ESTIMATORS = [
     LanguageMeanCentering(),
@@ -166,3 +166,19 @@ def test_transform_of_a_tensor_that_requires_grad(layers):
         assert isinstance(out, torch.Tensor) and not out.requires_grad
         ref = est.transform(X.detach().numpy(), languages=langs)
         np.testing.assert_allclose(out.numpy(), ref)
+
+
+@pytest.mark.parametrize("Est", [PerLayer, RotateAlign])
+def test_layers_parameter_is_validated(Est):
+    from sklearn.utils._param_validation import InvalidParameterError
+
+    X = np.random.default_rng(0).normal(size=(10, 3, 2))
+    make = (lambda **kw: PerLayer(LanguageMeanCentering(), **kw)) if Est is PerLayer else Est
+    for bad in (2.0, None, "last"):
+        with pytest.raises(InvalidParameterError, match="'layers' parameter"):
+            make(layers=bad).fit(X)
+    for bad in (True, [True, 1]):
+        with pytest.raises(TypeError, match="layers must hold ints"):
+            make(layers=bad).fit(X)
+    with pytest.raises(ValueError, match=r"shape \(10, 0, 2\): no layers"):
+        make(layers="all").fit(np.zeros((10, 0, 2)))

@@ -4,6 +4,7 @@ import joblib
 import numpy as np
 import pytest
 import sklearn
+import torch
 from sklearn.base import clone
 from sklearn.linear_model import LogisticRegression
 from sklearn.model_selection import GridSearchCV, GroupKFold, cross_validate
@@ -171,3 +172,16 @@ def test_device_cuda_without_gpu_is_clear(rng):
     X, _, L, _ = _data(rng)
     with pytest.raises(ValueError, match="no CUDA GPU"):
         LanguageMeanCentering(device="cuda").fit(X, languages=L)
+
+
+def test_wrong_ndim_messages_name_the_fix():
+    from posthoc_align import LanguageMeanCentering, PerLayer
+
+    X3 = np.zeros((10, 13, 4))
+    for X in (X3, torch.from_numpy(X3)):
+        with pytest.raises(ValueError, match=r"PerLayer\(est, layers=\.\.\.\).*X\[:, i\]"):
+            LanguageMeanCentering().fit(X)
+    with pytest.raises(ValueError, match=r"X.reshape\(1, 1, -1\)"):
+        PerLayer(LanguageMeanCentering()).fit(torch.zeros(10))
+    with pytest.raises(ValueError, match=r"X\[:, None, :\]"):
+        PerLayer(LanguageMeanCentering()).fit(np.zeros((10, 4)))
