@@ -71,10 +71,14 @@ class LanguageTransformerMixin(OneToOneFeatureMixin, TransformerMixin, BaseEstim
     #: (CUDA, no numba): LSAR's subspace comes from *differences* of language means
     _compensated_moments = False
 
+    #: whether the fit needs per-language sums of ``|x|`` (LSAR's rank cut)
+    _absolute_moments = False
+
     def _new_moments(self) -> LanguageMoments:
         return LanguageMoments(
             second_moments=self._second_moments,
             compensated=self._second_moments or self._compensated_moments,
+            absolute=self._absolute_moments,
         )
 
     # -- the streaming fit, shared by every estimator ----------------------------

@@ -162,7 +162,14 @@ def _row_blocks_of(X: Any, gcodes: np.ndarray) -> list[tuple[Any, np.ndarray]]:
     return [(b, gcodes[bounds[k] : bounds[k + 1]]) for k, b in enumerate(blocks)]
 
 
-def moments_tree(X: Any, gcodes: np.ndarray, labels: list, shift: np.ndarray, second: bool):
+def moments_tree(
+    X: Any,
+    gcodes: np.ndarray,
+    labels: list,
+    shift: np.ndarray,
+    second: bool,
+    absolute: bool = False,
+):
     """Delayed :class:`~posthoc_align._stats.LanguageMoments` of a dask ``X``.
 
     Every row block is accumulated on the fixed reference rows ``shift`` (one per
@@ -171,7 +178,7 @@ def moments_tree(X: Any, gcodes: np.ndarray, labels: list, shift: np.ndarray, se
     import dask
 
     parts = [
-        dask.delayed(_block_moments)(b, g, list(labels), shift, second)
+        dask.delayed(_block_moments)(b, g, list(labels), shift, second, absolute)
         for b, g in _row_blocks_of(X, gcodes)
     ]
     return _tree(parts, _add_moments)
@@ -211,12 +218,14 @@ def scatter_tree(X: Any, gcodes: np.ndarray, labels: list, shift: np.ndarray):
     return _tree(parts, _merge_scatter)
 
 
-def _block_moments(block: np.ndarray, gcodes: np.ndarray, labels, shift, second: bool):
+def _block_moments(
+    block: np.ndarray, gcodes: np.ndarray, labels, shift, second: bool, absolute: bool = False
+):
     import torch
 
     from ._stats import LanguageMoments
 
-    m = LanguageMoments.with_shifts(labels, shift, second_moments=second)
+    m = LanguageMoments.with_shifts(labels, shift, second_moments=second, absolute=absolute)
     if block.shape[0]:
         T = torch.from_numpy(np.asarray(block, dtype=np.float64))
         m.update(T, np.asarray(labels, dtype=object), gcodes)
@@ -305,6 +314,7 @@ def partial_fit_dask(est, X, languages, pair_ids):
         if m.shift is None:
             m.shift, m.sums = np.zeros((0, d)), np.zeros((0, d))
             m.sumsq = np.zeros((0, d)) if m.second_moments else None
+            m.abs_sums = np.zeros((0, d)) if getattr(m, "absolute", False) else None
         for i in new:
             m.index[lab_list[i]] = len(m.labels)
             m.labels.append(lab_list[i])
@@ -313,9 +323,15 @@ def partial_fit_dask(est, X, languages, pair_ids):
         m.counts = np.concatenate([m.counts, np.zeros(len(new))])
         if m.second_moments:
             m.sumsq = np.vstack([m.sumsq, np.zeros_like(rows)])
+        if getattr(m, "absolute", False):
+            m.abs_sums = np.vstack([m.abs_sums, np.zeros_like(rows)])
     lut = np.array([m.index.get(lab, -1) for lab in lab_list], dtype=np.int64)
     gcodes = lut[codes]
-    todo = {"moments": moments_tree(X, gcodes, list(m.labels), m.shift, m.second_moments)}
+    todo = {
+        "moments": moments_tree(
+            X, gcodes, list(m.labels), m.shift, m.second_moments, getattr(m, "absolute", False)
+        )
+    }
     pairs = getattr(est, "_pairs", None)
     if pairs is not None:
         if pairs.has_buffers():

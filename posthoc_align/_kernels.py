@@ -193,6 +193,26 @@ def language_moments(
     return S.sum(0), (Q.sum(0) if second else None)
 
 
+def language_abs_moments(
+    T: torch.Tensor, gcodes: np.ndarray, shift: np.ndarray
+) -> tuple[np.ndarray, np.ndarray]:
+    """Per-language ``Σ(x − shift[l])`` and ``Σ|x|``, float64, in one pass.
+
+    Parameters and layout as :func:`language_moments` (first moments only).
+    """
+    loops = _compiled()
+    X = _host(T)
+    n, d = X.shape
+    sh = np.ascontiguousarray(shift, dtype=np.float64)
+    L = sh.shape[0]
+    g = _codes(gcodes, L)
+    ranges = _ranges(n, L * d * 16) or [(0, 0)]
+    S = np.zeros((len(ranges), L, d))
+    A = np.zeros((len(ranges), L, d))
+    _run(lambda k, lo, hi: loops.moments_abs_rows(X, g, sh, S[k], A[k], lo, hi), ranges)
+    return S.sum(0), A.sum(0)
+
+
 def affine_rows(
     T: torch.Tensor,
     gcodes: np.ndarray,

@@ -37,6 +37,26 @@ def moments_rows(X, g, shift, S, Q, lo, hi, second):  # pragma: no cover - compi
                 s[j] += np.float64(row[j]) - sh[j]
 
 
+@numba.njit(nogil=True, cache=True)
+def moments_abs_rows(X, g, shift, S, A, lo, hi):  # pragma: no cover - compiled
+    """``S[l] += x - shift[l]`` and ``A[l] += |x|`` for rows lo:hi, float64 terms.
+
+    ``A`` (the first absolute moments) measures the magnitude of the values whose
+    rounding the means inherit (LSAR's rank cut).
+    """
+    d = X.shape[1]
+    for i in range(lo, hi):
+        lang = g[i]
+        row = X[i]
+        s = S[lang]
+        a = A[lang]
+        sh = shift[lang]
+        for j in range(d):
+            v = np.float64(row[j])
+            s[j] += v - sh[j]
+            a[j] += abs(v)
+
+
 @numba.njit(nogil=True, cache=True, fastmath={"reassoc"})
 def _nan_if_non_finite(o):  # pragma: no cover - compiled
     """0 when every entry of ``o`` is finite, NaN otherwise (``inf * 0`` is NaN).

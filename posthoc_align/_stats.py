@@ -95,6 +95,10 @@ class LanguageMoments:
         Form float32 sums about each language's block mean (see the module notes):
         ~1e-7 instead of ~1e-6 relative, at one more in-cache pass. Defaults to
         ``second_moments`` (always on with second moments).
+    absolute : bool, default=False
+        Also accumulate per-dimension sums of ``|x|`` (first absolute moments): the
+        magnitude of the values whose rounding the means inherit, independent of the
+        order of the rows (LSAR's rank cut). First moments only.
 
     Attributes
     ----------
@@ -105,6 +109,8 @@ class LanguageMoments:
         Reference row of each language (its first row seen), float64.
     sums, sumsq : ndarray of shape (n_languages, n_features)
         Sums of ``x - shift`` and of ``(x - shift) ** 2``, float64.
+    abs_sums : ndarray of shape (n_languages, n_features) or None
+        Sums of ``|x|`` (with ``absolute=True``), float64.
 
     Examples
     --------
@@ -115,9 +121,19 @@ class LanguageMoments:
     (['de', 'en'], [10.0, 2.0])
     """
 
-    def __init__(self, *, second_moments: bool = False, compensated: bool | None = None):
+    def __init__(
+        self,
+        *,
+        second_moments: bool = False,
+        compensated: bool | None = None,
+        absolute: bool = False,
+    ):
+        if absolute and second_moments:
+            raise ValueError("absolute moments are accumulated with first moments only")
         self.second_moments = second_moments
         self.compensated = second_moments if compensated is None else bool(compensated)
+        self.absolute = bool(absolute)
+        self.abs_sums: np.ndarray | None = None
         self.labels: list[Hashable] = []
         self.index: dict[Hashable, int] = {}
         self.counts = np.zeros(0)
@@ -136,6 +152,7 @@ class LanguageMoments:
             self.shift = np.zeros((0, d))
             self.sums = np.zeros((0, d))
             self.sumsq = np.zeros((0, d)) if self.second_moments else None
+            self.abs_sums = np.zeros((0, d)) if self.absolute else None
         lab_list = _labels_list(labels)
         new = [i for i, lab in enumerate(lab_list) if lab not in self.index]
         if new:
@@ -152,6 +169,8 @@ class LanguageMoments:
                 self.counts = np.concatenate([self.counts, np.zeros(len(new))])
                 if self.second_moments:
                     self.sumsq = np.vstack([self.sumsq, np.zeros_like(rows)])
+                if self.absolute:
+                    self.abs_sums = np.vstack([self.abs_sums, np.zeros_like(rows)])
         lut = np.array([self.index.get(lab, -1) for lab in lab_list], dtype=np.int64)
         return lut[codes]
 
@@ -196,6 +215,7 @@ class LanguageMoments:
             self.shift,
             self.sums,
             self.sumsq,
+            self.abs_sums,
         )
         try:
             out = self._update(T, labels, codes, name)
@@ -203,7 +223,15 @@ class LanguageMoments:
                 self.input_eps = max(self.input_eps, float(torch.finfo(T.dtype).eps))
             return out
         except Exception:
-            (self.labels, self.index, self.counts, self.shift, self.sums, self.sumsq) = saved
+            (
+                self.labels,
+                self.index,
+                self.counts,
+                self.shift,
+                self.sums,
+                self.sumsq,
+                self.abs_sums,
+            ) = saved
             raise
 
     def _update(
@@ -217,6 +245,12 @@ class LanguageMoments:
                 f"{self.sums.shape[1]}; every batch must have the same number of columns."
             )
         gcodes = self._global_codes(T, labels, codes)
+        if self.absolute:
+            if _kernels.usable(T):  # sums and absolute sums fused in one pass
+                S, A = _kernels.language_abs_moments(T, gcodes, self.shift)
+                self._add_abs(torch.from_numpy(A), T, name)
+                return self._commit(T, gcodes, torch.from_numpy(S), None, name)
+            self._add_abs(self._abs_sums_blocks(T, gcodes), T, name)
         if _kernels.usable(T):  # one fused pass, float64 terms (CPU)
             S, Q = _kernels.language_moments(T, gcodes, self.shift, second=self.second_moments)
             acc_q = None if Q is None else torch.from_numpy(Q)
@@ -335,6 +369,25 @@ class LanguageMoments:
         if acc_q is not None:
             acc_q += acc_rr + dm * (2.0 * acc_r + n_l[:, None] * dm)
 
+    def _abs_sums_blocks(self, T: torch.Tensor, gcodes: np.ndarray) -> torch.Tensor:
+        """Per-language ``Σ|x|`` on the torch path: block sums added in float64."""
+        dev, cdt = T.device, compute_dtype(T.dtype)
+        L, (n, d) = len(self.labels), T.shape
+        g = torch.from_numpy(gcodes).to(dev)
+        acc = torch.zeros((L, d), dtype=torch.float64, device=dev)
+        bs = torch.empty((L, d), dtype=cdt, device=dev)
+        step = min(block_rows(SUM_BLOCK, dev), n)
+        xbuf = torch.empty((step, d), dtype=cdt, device=dev)
+        for sl in row_blocks(n, step):
+            xs = torch.abs(T[sl].to(cdt), out=xbuf[: sl.stop - sl.start])
+            acc += bs.zero_().index_add_(0, g[sl], xs)
+        return acc
+
+    def _add_abs(self, acc_a: torch.Tensor, T: torch.Tensor, name: str) -> None:
+        if not bool(torch.isfinite(acc_a).all()):
+            raise_non_finite(T, name)
+        self.abs_sums = self.abs_sums + acc_a.cpu().numpy()
+
     def _commit(self, T, gcodes, acc_s, acc_q, name) -> LanguageMoments:
         if not bool(torch.isfinite(acc_s).all()) or (
             acc_q is not None and not bool(torch.isfinite(acc_q).all())
@@ -389,18 +442,20 @@ class LanguageMoments:
         *,
         second_moments: bool = False,
         compensated: bool | None = None,
+        absolute: bool = False,
     ) -> LanguageMoments:
         """Empty moments for known languages with fixed reference rows.
 
         Moments built on the same shifts add exactly (:meth:`add`), which is how
         block-wise (dask) statistics are combined.
         """
-        m = cls(second_moments=second_moments, compensated=compensated)
+        m = cls(second_moments=second_moments, compensated=compensated, absolute=absolute)
         m.labels = list(labels)
         m.index = {lab: i for i, lab in enumerate(m.labels)}
         m.shift = np.array(shift, dtype=np.float64, copy=True)
         m.sums = np.zeros_like(m.shift)
         m.sumsq = np.zeros_like(m.shift) if second_moments else None
+        m.abs_sums = np.zeros_like(m.shift) if absolute else None
         m.counts = np.zeros(len(m.labels))
         return m
 
@@ -411,7 +466,11 @@ class LanguageMoments:
         concatenation of each layer's moments: ``PerLayer`` accumulates them in one
         pass and hands each layer its columns.
         """
-        m = type(self)(second_moments=self.second_moments, compensated=self.compensated)
+        m = type(self)(
+            second_moments=self.second_moments,
+            compensated=self.compensated,
+            absolute=self.absolute,
+        )
         m.labels = list(self.labels)
         m.index = dict(self.index)
         m.counts = self.counts.copy()
@@ -421,6 +480,8 @@ class LanguageMoments:
             m.sums = self.sums[:, cols].copy()
             if self.sumsq is not None:
                 m.sumsq = self.sumsq[:, cols].copy()
+            if self.abs_sums is not None:
+                m.abs_sums = self.abs_sums[:, cols].copy()
         return m
 
     def add(self, other: LanguageMoments) -> LanguageMoments:
@@ -432,6 +493,8 @@ class LanguageMoments:
         self.input_eps = max(self.input_eps, getattr(other, "input_eps", 0.0))
         if self.sumsq is not None:
             self.sumsq += other.sumsq
+        if self.abs_sums is not None:
+            self.abs_sums += other.abs_sums
         return self
 
     # -- reading --------------------------------------------------------------
@@ -451,6 +514,12 @@ class LanguageMoments:
         m = self.sums / c
         return np.maximum(self.sumsq / c - m * m, 0.0)
 
+    def mean_abs(self) -> np.ndarray | None:
+        """Per-language means of ``|x|`` (None without ``absolute=True``)."""
+        if self.abs_sums is None:
+            return None
+        return self.abs_sums / np.maximum(self.counts, 1)[:, None]
+
     def global_mean(self) -> np.ndarray:
         """Mean over all rows of all languages."""
         return (self.shift * self.counts[:, None] + self.sums).sum(0) / self.counts.sum()
@@ -462,12 +531,15 @@ class LanguageMoments:
             "second_moments": self.second_moments,
             "compensated": self.compensated,
             "input_eps": self.input_eps,
+            "absolute": self.absolute,
         }
         arrays = {"counts": self.counts}
         if self.shift is not None:
             arrays.update(shift=self.shift, sums=self.sums)
             if self.sumsq is not None:
                 arrays["sumsq"] = self.sumsq
+            if self.abs_sums is not None:
+                arrays["abs_sums"] = self.abs_sums
         return meta, arrays
 
     @classmethod
@@ -482,6 +554,12 @@ class LanguageMoments:
             m.sums = np.asarray(arrays["sums"], dtype=np.float64)
             if "sumsq" in arrays:
                 m.sumsq = np.asarray(arrays["sumsq"], dtype=np.float64)
+        # saves from before absolute moments have none: such a fit goes on without them
+        m.absolute = bool(meta.get("absolute", False)) and (
+            "abs_sums" in arrays or "shift" not in arrays
+        )
+        if "abs_sums" in arrays and m.absolute:
+            m.abs_sums = np.asarray(arrays["abs_sums"], dtype=np.float64)
         return m
 
 

@@ -35,6 +35,30 @@ def language_subspace(means: np.ndarray, device: Any = "cpu") -> tuple[np.ndarra
     return flip_signs(Vh.cpu().numpy()), s.cpu().numpy()
 
 
+def _rounding_cut(m: Any, means: np.ndarray) -> float:
+    """Singular values at or below this are rounding, not language differences.
+
+    Each language mean inherits the rounding of its values: at most ``eps · mean|x|``
+    per entry (``eps`` of the least precise input; float32 rows centred in float32
+    keep residual means of that order). The L×d error matrix then has Frobenius norm
+    ≤ ``eps · ‖A‖_F`` with ``A`` the per-language means of ``|x|``; the cut is 8× that
+    (the float64 SVD's own rounding, ``max(L, d) · 1e3 · eps64`` relative, besides).
+    Moments without absolute sums (saves from before them) fall back to the largest
+    magnitude among the reference rows and the means.
+    """
+    eps_in = max(getattr(m, "input_eps", 0.0), np.finfo(float).eps)
+    A = m.mean_abs() if hasattr(m, "mean_abs") else None
+    if A is not None:
+        norm = float(np.linalg.norm(A))
+    else:
+        scale = max(float(np.abs(m.shift).max()), float(np.abs(means).max()))
+        norm = scale * np.sqrt(means.size)
+    return norm * max(
+        max(means.shape) * 1e3 * np.finfo(float).eps / np.sqrt(means.size),
+        8.0 * eps_in,
+    )
+
+
 class LSAR(LanguageTransformerMixin):
     """Project the low-rank language subspace out of every representation.
 
@@ -51,10 +75,14 @@ class LSAR(LanguageTransformerMixin):
     ----------
     n_components : int, float in (0, 1) or None, default=None
         Rank ``r`` of the removed subspace. None: ``L − 1`` (all directions in
-        which the language means differ). Directions with a zero singular value
-        (numerically) are never removed: on data whose language means already
-        coincide, LSAR is the identity. An int larger than ``L − 1`` is an
-        error. A float picks the smallest ``r`` whose squared singular values
+        which the language means differ). Directions whose singular value is
+        within the rounding of the input are never removed: on data whose language
+        means already coincide (e.g. centred in float32), LSAR is the identity. The
+        cut is ``8 · eps · ‖A‖_F``, with ``eps`` the machine epsilon of the least
+        precise input and ``A`` (L×d) the per-language means of ``|x|`` (a bound on
+        the rounding the means inherit; independent of the order of the rows); when
+        ``None`` is cut below ``L − 1`` a warning says so. An int larger than
+        ``L − 1`` is an error. A float picks the smallest ``r`` whose squared singular values
         hold at least that fraction of the total energy (like PCA).
     device : {"auto", "cpu", "cuda"} or torch.device, default="auto"
 
@@ -95,6 +123,7 @@ class LSAR(LanguageTransformerMixin):
     # transform takes no labels: never route ``languages`` to it
     __metadata_request__transform = {"languages": metadata_routing.UNUSED}
     _compensated_moments = True
+    _absolute_moments = True
 
     _parameter_constraints: dict = {
         "n_components": [
@@ -142,24 +171,24 @@ class LSAR(LanguageTransformerMixin):
         self.singular_values_ = s
         self.explained_energy_ratio_ = energy / total if total > 0 else np.zeros_like(s)
         r = self._rank(L)
-        # directions with a zero singular value carry no language difference (e.g.
-        # on already centred data): removing them would delete arbitrary directions
-        # data scale from the reference rows (one real row per language)
-        scale = max(float(np.abs(m.shift).max()), float(np.abs(self.means_).max()))
-        # and rounding already in the input: float32 rows centred in float32 keep
-        # residual means of up to ~eps32 · scale per entry, so the noise singular values
-        # reach sqrt(L · d) · eps32 · scale (8x that is the cut for float32 input)
-        eps_in = max(getattr(m, "input_eps", 0.0), np.finfo(float).eps)
-        tol = scale * max(
-            max(self.means_.shape) * 1e3 * np.finfo(float).eps,
-            8.0 * np.sqrt(self.means_.size) * eps_in,
-        )
+        tol = _rounding_cut(m, self.means_)
         rank = int((s > max(tol, 1e-300)).sum())
         if r > rank:
             if isinstance(self.n_components, numbers.Integral):
                 warnings.warn(
                     f"n_components={r} but the language means span only {rank} "
                     "direction(s); removing those only.",
+                    UserWarning,
+                    stacklevel=3,
+                )
+            elif self.n_components is None and s[rank:r].max() > 0:
+                warnings.warn(
+                    f"the language means differ beyond the rounding of the input in "
+                    f"{rank} of the L - 1 = {r} direction(s) (singular values "
+                    f"{[float(f'{v:.3g}') for v in s[rank:r]]} are <= the rounding cut {tol:.3g}); "
+                    f"removing {rank}. If those small differences are real (e.g. a large "
+                    "common offset in float32 data), pass float64 data or an int "
+                    "n_components.",
                     UserWarning,
                     stacklevel=3,
                 )

@@ -150,3 +150,49 @@ def test_centred_input_is_left_alone_in_its_own_precision(rng, dtype, tmp_path):
     assert again.n_components_ == 0
     # real language offsets are still found in float32
     assert LSAR().fit(X, languages=L).n_components_ == 2
+
+
+def test_rank_cut_does_not_depend_on_row_order():
+    # the cut scales with the per-language mean |x|, not with one row: a large entry
+    # in the first row seen must not hide real language directions (review finding)
+    rng = np.random.default_rng(0)
+    n, d = 4000, 64
+    L = np.repeat(["a", "b", "c", "d"], n // 4)
+    X = (0.01 * rng.normal(size=(n, d))).astype(np.float32)
+    X[L == "b", 0] += 0.05
+    X[0, 5] = 5e3
+    perm = np.r_[1:n, 0]
+    first = LSAR().fit(X, languages=L)
+    last = LSAR().fit(X[perm], languages=L[perm])
+    assert first.n_components_ == last.n_components_ == 3
+    np.testing.assert_allclose(first.components_, last.components_, atol=1e-6)
+
+
+def test_rounding_cut_warns_when_it_drops_directions():
+    rng = np.random.default_rng(0)
+    n, d = 4000, 64
+    L = np.repeat(["a", "b", "c", "d"], n // 4)
+    X = (1e4 + 0.01 * rng.normal(size=(n, d))).astype(np.float32)
+    X[L == "b", 0] += 0.05
+    with pytest.warns(UserWarning, match="beyond the rounding of the input in 0 of the L - 1"):
+        est = LSAR().fit(X, languages=L)
+    assert est.n_components_ == 0
+    # float64 data resolves the same differences
+    assert LSAR().fit(X.astype(np.float64) + 0.0, languages=L).n_components_ == 3
+
+
+def test_absolute_moments_survive_save_and_streaming(tmp_path):
+    from posthoc_align import load
+
+    rng = np.random.default_rng(1)
+    X = rng.normal(size=(300, 6)) + 3.0
+    L = np.repeat(["x", "y", "z"], 100)
+    perm = rng.permutation(300)
+    X, L = X[perm], L[perm]
+    ref = LSAR().fit(X, languages=L)
+    half = LSAR().partial_fit(X[:150], languages=L[:150])
+    half.save(tmp_path / "l")
+    again = load(tmp_path / "l").partial_fit(X[150:], languages=L[150:])
+    expected = np.array([np.abs(X[L == lab]).mean(0) for lab in again._moments.labels])
+    np.testing.assert_allclose(again._moments.mean_abs(), expected)
+    np.testing.assert_allclose(again.components_, ref.components_, atol=1e-10)
