@@ -29,8 +29,9 @@ def orthogonal_map(cross: np.ndarray, device: Any = "cpu") -> np.ndarray:
     Schönemann (1966): with the SVD ``AᵀB = U Σ Vᵀ``, ``W = U Vᵀ`` — the orthogonal
     polar factor of ``C = AᵀB``. When ``C`` is well conditioned (``cond(C) < 1e4``)
     it is computed as ``C (CᵀC)^{-1/2}`` from a symmetric eigendecomposition, which
-    is about twice as fast as an SVD and equal to ``U Vᵀ`` to ~1e-12 there (Higham
-    1986); otherwise (e.g. fewer pairs than dimensions) from the SVD itself. float64,
+    is about twice as fast as an SVD and equal to ``U Vᵀ`` to ~1e-11 for
+    ``cond(C) ≤ 1e3`` and ~1e-9 near the 1e4 limit (forming ``CᵀC`` squares the
+    condition number; Higham 1986); otherwise (e.g. fewer pairs than dimensions) from the SVD itself. float64,
     torch, on ``device``.
 
     Examples
