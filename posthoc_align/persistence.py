@@ -87,7 +87,11 @@ def _json_value(v: Any) -> Any:
         }
     if v is None or isinstance(v, bool | int | float | str):
         return v
-    raise TypeError(f"cannot store {type(v).__name__} value {v!r} as JSON")
+    hint = " (decode bytes labels first, e.g. labels.astype(str))" if isinstance(v, bytes) else ""
+    raise TypeError(
+        f"cannot save the {type(v).__name__} value {v!r}: saved labels and parameters must "
+        f"be str, int, float, bool or None{hint}; use joblib.dump for other types."
+    )
 
 
 def _from_json(v: Any) -> Any:

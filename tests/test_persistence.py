@@ -177,3 +177,9 @@ def test_swapped_child_directory_is_refused(rng, tmp_path):
     _write_config(inner, cfg)
     with pytest.raises(ValueError, match="not the nested estimator its parent saved"):
         pa.load(tmp_path / "pl")
+
+
+def test_bytes_labels_give_a_clear_save_error(tmp_path):
+    est = pa.LanguageMeanCentering().fit(np.zeros((4, 2)), languages=[b"en", b"en", b"fr", b"fr"])
+    with pytest.raises(TypeError, match=r"decode bytes labels first"):
+        est.save(tmp_path / "b")
