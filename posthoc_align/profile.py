@@ -16,6 +16,10 @@ from sklearn.base import clone
 
 __all__ = ["alignment_profile", "default_transforms", "best_layers"]
 
+#: keyword arguments of the metrics that hold one value per row of the dataset: the
+#: profile evaluates on the held-out rows, so it passes these on for those rows only
+PER_ROW_KW = ("y",)
+
 
 def default_transforms() -> dict[str, Any]:
     """The transforms profiled by default: centring, LSAR and Procrustes to the source."""
@@ -28,13 +32,33 @@ def default_transforms() -> dict[str, Any]:
     }
 
 
+def _checked(X: Any, langs: Any, pids: Any, what: str):
+    """``(X, languages, pair_ids)`` as numpy, X 3-D and one label per row."""
+    X = np.asarray(X)
+    if X.ndim != 3:
+        raise ValueError(
+            f"alignment_profile needs the hidden states of every layer, {what} of shape "
+            f"(n_rows, n_layers, n_features); got shape {X.shape}. For a single layer pass "
+            "X[:, None, :] (or use posthoc_align.metrics.evaluate_pairs on the 2-D X)."
+        )
+    langs, pids = np.asarray(langs), np.asarray(pids)
+    for name, v in (("languages", langs), ("pair_ids", pids)):
+        if v.ndim != 1 or v.shape[0] != X.shape[0]:
+            raise ValueError(
+                f"{name} has shape {v.shape} but X has {X.shape[0]} rows; pass one entry per "
+                "row of X."
+            )
+    return X, langs, pids
+
+
 def _as_arrays(encoder: Any, dataset: Any, pooling: str | None):
     """(X (n, layers, d), languages, pair_ids) from a Bunch, a cache or a tuple."""
     if isinstance(dataset, tuple) and len(dataset) == 3:
-        X, langs, pids = dataset
-        return np.asarray(X), np.asarray(langs), np.asarray(pids)
+        return _checked(*dataset, "X of the tuple (X, languages, pair_ids)")
     if hasattr(dataset, "to_numpy") and hasattr(dataset, "pair_ids"):  # EmbeddingCache
-        return dataset.to_numpy(), np.asarray(dataset.languages), np.asarray(dataset.pair_ids)
+        return _checked(
+            dataset.to_numpy(), dataset.languages, dataset.pair_ids, "the cache's vectors"
+        )
     for key in ("data", "languages", "pair_ids"):
         if key not in dataset:
             raise ValueError(
@@ -82,9 +106,13 @@ def alignment_profile(
         with ``X`` of shape (n, n_layers, d).
     transforms : dict {name: estimator}, optional
         Default :func:`default_transforms`. A transform that needs ``pair_ids``
-        receives them; ``ProcrustesAligner``'s pivot is set to ``source``.
+        receives them. A transform whose ``pivot`` parameter is set (not None, e.g.
+        ``ProcrustesAligner``) gets ``pivot=source``; pivot-free transforms
+        (``GeneralizedProcrustes``, whose ``pivot`` is always None) are left as given.
     metrics : sequence of str
-        Names understood by :func:`posthoc_align.metrics.evaluate_pairs`.
+        Names understood by :func:`posthoc_align.metrics.evaluate_pairs` (see
+        :data:`posthoc_align.metrics.METRICS`), e.g. ``"language_id"`` for how much
+        language information is left, or ``"transfer_gap"`` with ``y=``.
     source : str, default="en"
     targets : sequence of str, optional
         Default: every other language.
@@ -95,7 +123,11 @@ def alignment_profile(
     plot_path : str, optional
         Save the per-layer curve of the first metric there (PNG; needs matplotlib).
     **metric_kw
-        Passed to the metrics (e.g. ``memory_budget``).
+        Passed to the metrics (e.g. ``memory_budget``, ``cv``). Per-row arguments
+        (:data:`PER_ROW_KW`: ``y``, the task labels of the transfer metrics) are
+        given for every row of the dataset, like ``languages``; since the metrics
+        run on the held-out rows ``X[test]``, the profile passes them on for those
+        rows only.
 
     Returns
     -------
@@ -113,9 +145,22 @@ def alignment_profile(
     from . import PerLayer
     from .demo import heldout_split
     from .metrics import evaluate_pairs
+    from .metrics.table import check_metric_request
     from .per_layer import _accepted
 
+    metrics = check_metric_request(metrics, metric_kw)  # before any encoding or fitting
     X, langs, pids = _as_arrays(encoder, dataset, pooling)
+    per_row = {}
+    for key in PER_ROW_KW:
+        v = metric_kw.pop(key, None)
+        if v is not None:
+            v = np.asarray(v.detach().cpu() if hasattr(v, "detach") else v)
+            if v.ndim != 1 or v.shape[0] != X.shape[0]:
+                raise ValueError(
+                    f"{key} has shape {v.shape} but the dataset has {X.shape[0]} rows; pass "
+                    f"one {key} per row of the dataset (the profile keeps the held-out rows)."
+                )
+            per_row[key] = v
     available = sorted(set(langs.tolist()))
     if source not in available:
         raise ValueError(f"source language {source!r} is not in the data ({available})")
@@ -126,11 +171,13 @@ def alignment_profile(
     train, test = heldout_split(pids, test_fraction, random_state)
     if not train.any() or not test.any():
         raise ValueError("too few translation groups to split into train and test")
+    metric_kw.update({key: v[test] for key, v in per_row.items()})  # the rows evaluated
     transforms = default_transforms() if transforms is None else dict(transforms)
     outputs = {"raw": [X[test][:, i] for i in range(X.shape[1])]}
     for name, est in transforms.items():
         est = clone(est)
-        if "pivot" in est.get_params():
+        # only a pivot that is set moves to the source; pivot=None means "no pivot"
+        if est.get_params(deep=False).get("pivot") is not None:
             est.set_params(pivot=source)
         per_layer = PerLayer(est).fit(X[train], languages=langs[train], pair_ids=pids[train])
         # layer by layer (not PerLayer.transform): a transform may change the width,

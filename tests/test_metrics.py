@@ -783,3 +783,120 @@ def test_duplicate_source_pair_ids_are_an_error():
     L = ["en", "en", "de", "de", "de"]
     with pytest.raises(ValueError, match="occurs on 2 rows of source language 'en'"):
         retrieval_accuracy(X, L, [0, 0, 0, 1, 2], "en", "de")
+
+
+# -- probes in the tidy table -------------------------------------------------------------
+
+PROBE_METRICS = [
+    "language_id",
+    "language_id_majority",
+    "transfer_gap",
+    "transfer_target_score",
+    "transfer_source_score",
+]
+
+
+def _probe_data(seed=0):
+    rng = np.random.default_rng(seed)
+    langs = np.repeat(["en", "de", "fr"], [60, 45, 50])
+    y = rng.integers(0, 3, size=langs.size)
+    X = rng.normal(size=(langs.size, 5)) + 2.0 * np.eye(5)[y]
+    X[langs == "de"] += 0.8 * rng.normal(size=5)
+    X[langs == "fr", 0] += 2.5
+    pids = np.concatenate([np.arange(60), np.arange(45), np.arange(50)])
+    return X, langs, pids, y
+
+
+def bf_pair_probes(X, langs, y, s, t):
+    """The language-ID probe and the transfer probe on the rows of s and t, by hand."""
+    from sklearn.linear_model import LogisticRegression
+    from sklearn.pipeline import make_pipeline
+    from sklearn.preprocessing import StandardScaler
+
+    pair = np.isin(langs, [s, t])
+    probe = make_pipeline(StandardScaler(), LogisticRegression(max_iter=1000, random_state=0))
+    lid = cross_val_score(
+        probe, X[pair], langs[pair], cv=StratifiedKFold(5, shuffle=True, random_state=0)
+    ).mean()
+    counts = np.array([(langs == s).sum(), (langs == t).sum()])
+    src, tgt = langs == s, langs == t
+    clf = LogisticRegression(max_iter=1000).fit(X[src], y[src])
+    target_score = np.mean(clf.predict(X[tgt]) == y[tgt])
+    n_folds = min(5, np.bincount(y[src]).min())
+    source_score = cross_val_score(
+        LogisticRegression(max_iter=1000),
+        X[src],
+        y[src],
+        cv=StratifiedKFold(n_folds, shuffle=True, random_state=0),
+    ).mean()
+    return {
+        "language_id": lid,
+        "language_id_majority": counts.max() / counts.sum(),
+        "transfer_gap": source_score - target_score,
+        "transfer_target_score": target_score,
+        "transfer_source_score": source_score,
+    }
+
+
+def test_evaluate_pairs_language_id_and_transfer_match_sklearn():
+    X, langs, pids, y = _probe_data()
+    pairs = [("en", "de"), ("fr", "de"), ("de", "en")]
+    rows = evaluate_pairs(X, langs, pids, pairs=pairs, metrics=PROBE_METRICS, y=y)
+    assert len(rows) == len(pairs) * len(PROBE_METRICS)
+    for s, t in pairs:
+        ref = bf_pair_probes(X, langs, y, s, t)
+        got = {r["metric"]: r["value"] for r in rows if (r["source"], r["target"]) == (s, t)}
+        assert got == pytest.approx(ref, rel=1e-12)
+    # the pair's rows only: a third language does not change the probe of two
+    two = np.isin(langs, ["en", "de"])
+    sub = evaluate_pairs(
+        X[two], langs[two], pids[two], pairs=[("en", "de")], metrics=PROBE_METRICS, y=y[two]
+    )
+    assert [r["value"] for r in sub] == [r["value"] for r in rows[:5]]
+    # y as a list and X as a tensor give the same table
+    again = evaluate_pairs(
+        torch.from_numpy(X), langs, pids, pairs=pairs, metrics=PROBE_METRICS, y=list(y)
+    )
+    assert [r["value"] for r in again] == [r["value"] for r in rows]
+    assert "language_id" in METRICS and "transfer_gap" in METRICS
+
+
+def test_evaluate_pairs_probe_errors():
+    X, langs, pids, y = _probe_data(1)
+    with pytest.raises(ValueError, match=r"need task labels: pass y="):
+        evaluate_pairs(X, langs, pids, metrics=["transfer_gap"])
+    with pytest.raises(ValueError, match="y has"):
+        evaluate_pairs(X, langs, pids, metrics=["transfer_gap"], y=y[:-1])
+    with pytest.raises(ValueError, match="not taken by the chosen metrics"):
+        evaluate_pairs(X, langs, pids, metrics=["weak"], y=y)
+    with pytest.raises(ValueError, match="did you mean 'language_id'"):
+        evaluate_pairs(X, langs, pids, metrics=["language_id_accuracy"])
+    # too few rows of a language for the folds: NaN for that pair, the table goes on
+    few = np.r_[np.flatnonzero(langs != "fr"), np.flatnonzero(langs == "fr")[:3]]
+    with pytest.warns(RuntimeWarning, match="NaN"):
+        rows = evaluate_pairs(X[few], langs[few], pids[few], metrics=["language_id"])
+    vals = {(r["source"], r["target"]): r["value"] for r in rows}
+    assert np.isnan(vals[("en", "fr")]) and vals[("en", "de")] > 0.5
+    # a smaller cv is passed to the probe
+    rows = evaluate_pairs(X[few], langs[few], pids[few], metrics=["language_id"], cv=3)
+    assert not any(np.isnan(r["value"]) for r in rows)
+
+
+def test_evaluate_pairs_probes_with_dask_equal_numpy():
+    da = pytest.importorskip("dask.array")
+    import dask
+
+    X, langs, pids, y = _probe_data(2)
+    pairs = [("en", "de"), ("fr", "en")]
+    ref = evaluate_pairs(X, langs, pids, pairs=pairs, metrics=PROBE_METRICS, y=y)
+    Xd = da.from_array(X, chunks=(40, -1))
+    with dask.config.set(scheduler="synchronous"):
+        got = evaluate_pairs(
+            Xd,
+            da.from_array(langs, chunks=40),
+            pids,
+            pairs=pairs,
+            metrics=PROBE_METRICS,
+            y=da.from_array(y, chunks=40),
+        )
+    assert [r["value"] for r in got] == pytest.approx([r["value"] for r in ref], rel=1e-12)

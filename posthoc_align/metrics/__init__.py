@@ -11,7 +11,11 @@ language run block-wise under a ``memory_budget`` (bytes): no n×n matrix.
 * :func:`language_id_accuracy`, :func:`transfer_gap` — linear probes.
 * :func:`eigenvector_similarity`, :func:`relational_similarity` — isomorphism.
 * :func:`hubness` — k-occurrence skewness.
-* :func:`evaluate_pairs`, :func:`to_markdown`, :func:`to_csv` — tidy tables.
+* :func:`evaluate_pairs`, :func:`to_markdown`, :func:`to_csv` — tidy tables of
+  every metric above for many language pairs at once (:data:`METRICS` names them;
+  the probes run on the rows of each pair's two languages: ``language_id``,
+  ``language_id_majority``, and with task labels ``y=`` ``transfer_gap``,
+  ``transfer_target_score``, ``transfer_source_score``).
 """
 
 from ._similarity import NoPairsError

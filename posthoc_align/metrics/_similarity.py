@@ -57,7 +57,9 @@ __all__ = [
     "ScanResult",
     "check_k",
     "check_memory_budget",
+    "nearest_neighbours",
     "plan_blocks",
+    "score_scale",
     "strictly_above",
     "tie_tolerance",
     "prepare",
@@ -82,7 +84,7 @@ Scorer = Callable[[torch.Tensor, slice, slice], None]
 
 
 class NoPairsError(ValueError):
-    """Too few translation pairs between two languages for a metric.
+    """Too few translation pairs (or rows) between two languages for a metric.
 
     A :class:`ValueError`; :func:`posthoc_align.metrics.evaluate_pairs` records NaN
     for such a language pair instead of stopping.
@@ -236,39 +238,112 @@ class ScanResult:
     ----------
     topk_values, topk_indices : Tensor of shape (n_queries, k) or None
         Highest scores (descending) and their target positions; ``None`` if ``k=0``.
-        With ``k=1`` ties go to the lowest target position.
+        With ``k=1`` ties go to the lowest target position; with ``k > 1`` the
+        values are exact but which of several tied targets is kept depends on the
+        blocks (use :func:`nearest_neighbours` when the indices matter).
     gold_score : Tensor of shape (n_queries,) or None
         Score of each query's gold target (NaN where it has none).
     best_other : Tensor of shape (n_queries,) or None
         Highest score over the targets other than the gold and the excluded one
         (``-inf`` where there are none).
+    query_norms : Tensor of shape (n_queries,) or None
+        ``‖x_i‖`` of every query row (float64), for :func:`score_scale`.
+    target_max_norm : float
+        ``max_j ‖y_j‖`` over every target row (excluded ones included).
     """
 
     topk_values: torch.Tensor | None = None
     topk_indices: torch.Tensor | None = None
     gold_score: torch.Tensor | None = None
     best_other: torch.Tensor | None = None
+    query_norms: torch.Tensor | None = None
+    target_max_norm: float = 0.0
 
 
 # -- planning -----------------------------------------------------------------------
 
 
-#: scores within ``TIE_ULPS · eps · sqrt(d)`` (relative to the larger score, at least 1)
-#: of each other are a tie: the rounding of a length-``d`` dot product, so that two
-#: identical target rows (a duplicate sentence) tie wherever they sit in a block
+#: scores within ``TIE_ULPS · eps · sqrt(d) · scale`` of each other are a tie: the
+#: rounding of a length-``d`` dot product, so that two identical target rows (a
+#: duplicate sentence) tie wherever they sit in a block.  ``scale`` is the magnitude
+#: the rounding is relative to (see :func:`score_scale`): 1 for cosine-based scores
+#: (cosine, CSLS, ratio margin; at least the larger score), ``‖x‖·max‖y‖`` for dot
+#: products and ``‖x‖² + max‖y‖²`` for squared Euclidean distances, per query row.
 TIE_ULPS = 4.0
 
 
 def tie_tolerance(dtype: Any, n_features: int) -> float:
-    """Absolute tie tolerance for scores of magnitude up to 1 (see :data:`TIE_ULPS`)."""
+    """Relative tie tolerance ``TIE_ULPS · eps · sqrt(d)`` (see :data:`TIE_ULPS`).
+
+    Multiply by the scale of the scores (:func:`score_scale`; 1 for cosines).
+    """
     eps = torch.finfo(dtype).eps if isinstance(dtype, torch.dtype) else np.finfo(dtype).eps
     return float(TIE_ULPS * eps * np.sqrt(max(int(n_features), 1)))
 
 
-def strictly_above(a: np.ndarray, b: np.ndarray, tol: float) -> np.ndarray:
-    """``a > b`` beyond rounding: ``a − b > tol · max(1, |a|, |b|)`` (NaN: False)."""
+def score_scale(similarity: str, query_norms: Any, target_max_norm: float) -> np.ndarray | None:
+    """Per query row, the magnitude that the rounding of its scores is relative to.
+
+    Parameters
+    ----------
+    similarity : {"cosine", "csls", "margin", "dot", "euclidean"}
+        How the scores were made. Cosine-based scores are bounded: their rounding
+        is absolute, and None is returned (scale 1).
+    query_norms : array-like of shape (n_queries,)
+        ``‖x_i‖`` (:attr:`ScanResult.query_norms`).
+    target_max_norm : float
+        ``max_j ‖y_j‖`` (:attr:`ScanResult.target_max_norm`).
+
+    Returns
+    -------
+    ndarray of shape (n_queries,) or None
+        ``‖x_i‖ · max_j ‖y_j‖`` for ``"dot"`` (the rounding of ``x·y`` is at most
+        ``γ_d Σ_k |x_k y_k| ≤ γ_d ‖x‖ ‖y‖``), ``‖x_i‖² + max_j ‖y_j‖²`` for
+        ``"euclidean"`` (the ranking score ``2x·y − ‖y‖²``: ``2‖x‖‖y‖ + ‖y‖²``
+        is at most twice that), None otherwise.
+
+    Examples
+    --------
+    >>> score_scale("dot", np.array([0.5, 2.0]), 3.0)
+    array([1.5, 6. ])
+    >>> score_scale("cosine", np.array([1e-3]), 3.0) is None
+    True
+    """
+    if similarity not in ("dot", "euclidean"):
+        return None
+    qn = np.asarray(query_norms.cpu() if torch.is_tensor(query_norms) else query_norms)
+    qn = qn.astype(np.float64)
+    tmax = float(target_max_norm)
+    return qn * tmax if similarity == "dot" else qn * qn + tmax * tmax
+
+
+def strictly_above(
+    a: np.ndarray, b: np.ndarray, tol: float, scale: np.ndarray | None = None
+) -> np.ndarray:
+    """``a > b`` beyond rounding: ``a − b > tol · max(scale, |a|, |b|)`` (NaN: False).
+
+    Parameters
+    ----------
+    a, b : ndarray
+        Scores (``b`` may be ``-inf``: then ``a`` is above unless it is NaN).
+    tol : float
+        Relative tolerance (:func:`tie_tolerance`).
+    scale : ndarray or None
+        Magnitude the rounding is relative to, per entry (:func:`score_scale`);
+        None means 1 (cosine-based scores).
+
+    Examples
+    --------
+    >>> strictly_above(np.array([1.0, 1.0 + 1e-16]), np.array([0.5, 1.0]), 1e-12)
+    array([ True, False])
+    >>> strictly_above(np.array([2e-8]), np.array([1e-8]), 1e-7)  # absolute: a tie
+    array([False])
+    >>> strictly_above(np.array([2e-8]), np.array([1e-8]), 1e-7, np.array([1e-8]))
+    array([ True])
+    """
     a, b = np.asarray(a, dtype=np.float64), np.asarray(b, dtype=np.float64)
-    scale = np.maximum(1.0, np.maximum(np.abs(a), np.abs(np.where(np.isinf(b), 0.0, b))))
+    base = 1.0 if scale is None else np.asarray(scale, dtype=np.float64)
+    scale = np.maximum(base, np.maximum(np.abs(a), np.abs(np.where(np.isinf(b), 0.0, b))))
     return (a - b) > tol * scale
 
 
@@ -346,16 +421,21 @@ def _raise_non_finite_row(rows: Rows, B: torch.Tensor, lo: int) -> None:
     raise_non_finite(B[bad : bad + 1], offset=int(rows.origin[lo + bad]))
 
 
-def _inverse_norms(rows: Rows, device: torch.device, dtype: torch.dtype) -> torch.Tensor:
-    """``1/‖row‖`` for every row (0 for zero rows), checking finiteness on the way."""
+def _norms(rows: Rows, device: torch.device, dtype: torch.dtype) -> torch.Tensor:
+    """``‖row‖`` for every row, checking finiteness on the way."""
     out = torch.empty(len(rows), dtype=dtype, device=device)
     for sl in row_blocks(len(rows)):
         B = rows.take(sl.start, sl.stop, device, dtype)
         norms = torch.linalg.vector_norm(B, dim=1)
         if not bool(torch.isfinite(norms).all()):
             _raise_non_finite_row(rows, B, sl.start)
-        out[sl] = torch.where(norms > 0, 1.0 / norms, torch.zeros_like(norms))
+        out[sl] = norms
     return out
+
+
+def _inverse(norms: torch.Tensor) -> torch.Tensor:
+    """``1/‖row‖`` (0 for zero rows)."""
+    return torch.where(norms > 0, 1.0 / norms, torch.zeros_like(norms))
 
 
 def scan(
@@ -367,6 +447,7 @@ def scan(
     gold: np.ndarray | None = None,
     exclude: np.ndarray | None = None,
     scorer: Scorer | None = None,
+    tie_scale: np.ndarray | None = None,
     memory_budget: int = DEFAULT_MEMORY_BUDGET,
     device: torch.device | str = "cpu",
 ) -> ScanResult:
@@ -391,6 +472,11 @@ def scan(
         query itself when queries and targets are the same rows.
     scorer : callable, optional
         ``scorer(S, q_slice, t_slice)`` modifies a score block in place.
+    tie_scale : ndarray of shape (n_queries,), optional
+        Magnitude of each query's scores for the tie rule of ``k=1`` (see
+        :data:`TIE_ULPS`). Default: 1 for cosine, ``‖x_i‖ · max_j ‖y_j‖`` for dot
+        (pass :func:`score_scale` of the scorer's scores when a scorer changes the
+        magnitude, e.g. to squared distances).
     memory_budget : int
         Bytes of working memory (see :func:`plan_blocks`).
     device : torch.device or str
@@ -402,6 +488,11 @@ def scan(
 
     Notes
     -----
+    With ``k=1`` a later target wins only when its score is above the current best
+    beyond the tie tolerance ``tie_tolerance · max(scale, |score|)``, and within a
+    block the lowest position within the tolerance of the block maximum wins: ties
+    go to the lowest target position whatever the blocks.
+
     Targets that are one contiguous run of rows already on ``device`` are read as
     views.  Otherwise they are gathered and cached on ``device`` once when that
     copy takes at most half the budget, else gathered block by block (their cost
@@ -439,9 +530,28 @@ def scan(
     bq, bt = plan_blocks(m, segment, d, itemsize, budget, stream_targets=stream)
     k = min(int(k), n)
 
+    def _segment(t0: int, t1: int) -> Rows:
+        if segment == n:
+            return targets
+        # one dask segment of targets, computed once
+        return Rows(targets.take(t0, t1, device, dtype), np.arange(t1 - t0), targets.origin[t0:t1])
+
     with torch.no_grad():
         res = ScanResult()
+        tie_t = None
+        if tie_scale is not None:
+            tie_t = torch.as_tensor(np.asarray(tie_scale, dtype=np.float64)).to(device, dtype)
+        # the dot tie scale of k=1 needs max ‖y‖ over every target before the first
+        # block: one extra pass over the segments of dask targets split for the budget
+        t_max_all = None
+        if k == 1 and similarity == "dot" and tie_t is None and segment < n:
+            t_max_all = 0.0
+            for t0 in range(0, n, segment):
+                norms = _norms(_segment(t0, min(n, t0 + segment)), device, dtype)
+                t_max_all = max(t_max_all, float(norms.max()))
         sbuf = torch.empty(min(bq, m) * min(bt, n), dtype=dtype, device=device)
+        q_norms = torch.zeros(m, dtype=torch.float64, device=device)
+        t_max = 0.0
         if k:
             top_v = torch.full((m, k), -torch.inf, dtype=dtype, device=device)
             top_i = torch.full((m, k), -1, dtype=torch.int64, device=device)
@@ -456,21 +566,26 @@ def scan(
         )
         for t0 in range(0, n, max(segment, 1)):
             t1 = min(n, t0 + segment)
-            if segment == n:
-                seg = targets
-            else:  # one dask segment of targets, computed once
-                seg = Rows(
-                    targets.take(t0, t1, device, dtype), np.arange(t1 - t0), targets.origin[t0:t1]
-                )
-            t_inv = _inverse_norms(seg, device, dtype)  # also rejects NaN/inf, at O(n·d)
-            if similarity == "dot":
-                t_inv = None
+            seg = _segment(t0, t1)
+            t_norms = _norms(seg, device, dtype)  # also rejects NaN/inf, at O(n·d)
+            if t_norms.numel():
+                t_max = max(t_max, float(t_norms.max()))
+            t_inv = _inverse(t_norms) if similarity == "cosine" else None
+            dot_max = t_max if t_max_all is None else t_max_all
             for qs in row_blocks(m, bq):
                 Q = queries.take(qs.start, qs.stop, device, dtype)
                 q_norm = torch.linalg.vector_norm(Q, dim=1)
                 if not bool(torch.isfinite(q_norm).all()):
                     _raise_non_finite_row(queries, Q, qs.start)
-                q_inv = torch.where(q_norm > 0, 1.0 / q_norm, torch.zeros_like(q_norm))
+                if t0 == 0:
+                    q_norms[qs] = q_norm.to(torch.float64)
+                q_inv = _inverse(q_norm)
+                row_scale = None
+                if k == 1:
+                    if tie_t is not None:
+                        row_scale = tie_t[qs]
+                    elif similarity == "dot":
+                        row_scale = q_norm * dot_max
                 for ls in row_blocks(t1 - t0, bt):
                     ts = slice(t0 + ls.start, t0 + ls.stop)  # positions among all targets
                     T = seg.take(ls.start, ls.stop, device, dtype)
@@ -486,7 +601,7 @@ def scan(
                     if excl_t is not None:
                         _mask(S, excl_t[qs], ts)
                     if k:
-                        _merge_topk(S, ts.start, top_v, top_i, qs, k, Q.shape[1])
+                        _merge_topk(S, ts.start, top_v, top_i, qs, k, Q.shape[1], row_scale)
                     if gold is not None:
                         rows, cols = _in_block(gold_t[qs], ts)
                         if rows.numel():
@@ -497,6 +612,7 @@ def scan(
             res.topk_values, res.topk_indices = top_v.cpu(), top_i.cpu()
         if gold is not None:
             res.gold_score, res.best_other = g_score.cpu(), other.cpu()
+        res.query_norms, res.target_max_norm = q_norms.cpu(), t_max
     return res
 
 
@@ -521,18 +637,27 @@ def _merge_topk(
     qs: slice,
     k: int,
     n_features: int = 0,
+    row_scale: torch.Tensor | None = None,
 ) -> None:
-    """Merge a block's best ``k`` into the running top-k of rows ``qs``."""
+    """Merge a block's best ``k`` into the running top-k of rows ``qs``.
+
+    With ``k=1`` ties within ``tie_tolerance · max(row_scale, |score|)`` (``row_scale``
+    defaults to 1) go to the lowest target position.
+    """
     if k == 1:
         # argmax where ties (within rounding, see TIE_ULPS) go to the lowest position:
         # the first score within the tolerance of the block's maximum, and a later block
         # wins only when it is higher beyond the tolerance
         v = S.amax(dim=1)
         tol = tie_tolerance(S.dtype, n_features) if n_features else 0.0
-        scale = torch.clamp(v.abs(), min=1.0)
+        scale = v.abs().nan_to_num(0.0, 0.0, 0.0)
+        if row_scale is None:
+            scale = scale.clamp(min=1.0)
+        else:
+            scale = torch.maximum(scale, row_scale.to(scale.dtype))
         i = (S >= (v - tol * scale)[:, None]).to(torch.uint8).argmax(dim=1)
         prev = top_v[qs, 0]
-        prev_scale = torch.clamp(torch.maximum(scale, prev.abs().nan_to_num(0.0, 0.0, 0.0)), min=1)
+        prev_scale = torch.maximum(scale, prev.abs().nan_to_num(0.0, 0.0, 0.0))
         better = (v - prev) > tol * prev_scale
         better |= torch.isneginf(prev) & ~torch.isneginf(v)
         top_v[qs, 0] = torch.where(better, v, prev)
@@ -548,6 +673,159 @@ def _merge_topk(
     v2, j = torch.topk(cat_v, k, dim=1)
     top_v[qs] = v2
     top_i[qs] = torch.gather(cat_i, 1, j)
+
+
+def _append_first(
+    mask: torch.Tensor,
+    offset: int,
+    buf: torch.Tensor,
+    count: torch.Tensor,
+    qs: slice,
+) -> None:
+    """Append the positions of the first True entries of each row of ``mask`` to ``buf``.
+
+    ``buf[qs]`` (shape ``(rows, cap)``) holds ``count[qs]`` positions per row; as many
+    of the block's True entries as still fit are added, lowest column first.
+    Modifies ``mask``.
+    """
+    cap = buf.shape[1]
+    room = (cap - count[qs]).to(torch.int32)
+    rank = mask.cumsum(dim=1, dtype=torch.int32)  # 1-based rank among the row's hits
+    mask &= rank <= room[:, None]
+    r, c = torch.nonzero(mask, as_tuple=True)
+    if r.numel():
+        slot = count[qs][r] + rank[r, c].to(torch.int64) - 1
+        buf[qs.start + r, slot] = c + offset
+        count[qs] += mask.sum(dim=1)
+
+
+def nearest_neighbours(
+    queries: Rows,
+    targets: Rows,
+    k: int,
+    *,
+    similarity: str = "cosine",
+    exclude: np.ndarray | None = None,
+    scorer: Scorer | None = None,
+    tie_scale: np.ndarray | None = None,
+    memory_budget: int = DEFAULT_MEMORY_BUDGET,
+    device: torch.device | str = "cpu",
+) -> np.ndarray:
+    """The ``k`` best targets of every query, ties broken by the lowest target position.
+
+    Scores as in :func:`scan` (``similarity``, then ``scorer``; the ``exclude``
+    target of a query is never a neighbour). Two passes over the targets, both in
+    blocks under ``memory_budget``:
+
+    1. :func:`scan` gives each query's ``k``-th best score ``s_k``;
+    2. a second stream keeps every target whose score is above ``s_k`` beyond the
+       tie tolerance (fewer than ``k``), and fills the remaining places with the
+       targets *tied* with ``s_k`` (``|s − s_k| ≤ tol · max(scale, |s|, |s_k|)``, see
+       :data:`TIE_ULPS`) at the lowest positions, scanning the targets in position
+       order.
+
+    So among targets tied at the ``k``-th place the lowest positions win, whatever
+    the block shape: the result does not depend on ``memory_budget`` (``torch.topk``
+    alone would pick among ties by their place in a block).
+
+    Parameters
+    ----------
+    queries, targets : Rows
+    k : int
+        Neighbours per query; clipped to ``len(targets)``.
+    similarity : {"cosine", "dot"}, default="cosine"
+    exclude : ndarray of shape (n_queries,), optional
+        A target position to ignore per query (``-1`` for none).
+    scorer : callable, optional
+        As for :func:`scan`.
+    tie_scale : ndarray of shape (n_queries,), optional
+        Magnitude of each query's scores (default as in :func:`scan`).
+    memory_budget : int, default=512 MiB
+        Working memory of each pass; the second pass plans its blocks with half of
+        it (it keeps two masks and a running count beside each score block).
+    device : torch.device or str, default="cpu"
+
+    Returns
+    -------
+    ndarray of shape (n_queries, k), int64
+        Target positions, ascending within each row; ``-1`` where a query has fewer
+        than ``k`` candidates (all but one excluded).
+
+    Examples
+    --------
+    >>> base = torch.tensor([[1.0, 0.0], [2.0, 0.0], [0.0, 1.0], [3.0, 0.0], [1.0, 1.0]])
+    >>> nearest_neighbours(Rows(base, [0]), Rows(base, [2, 1, 3, 4]), 2)  # 1 and 3 tie
+    array([[1, 2]])
+    """
+    n = len(targets)
+    m = len(queries)
+    k = min(int(k), n)
+    if k <= 0 or m == 0:
+        return np.full((m, max(k, 0)), -1, dtype=np.int64)
+    device = torch.device(device)
+    first = scan(
+        queries,
+        targets,
+        similarity=similarity,
+        k=k,
+        exclude=exclude,
+        scorer=scorer,
+        tie_scale=tie_scale,
+        memory_budget=memory_budget,
+        device=device,
+    )
+    dtype = first.topk_values.dtype
+    kth = first.topk_values[:, k - 1].to(device)
+    if tie_scale is not None:
+        base = torch.as_tensor(np.asarray(tie_scale, dtype=np.float64))
+    elif similarity == "dot":
+        base = first.query_norms * first.target_max_norm
+    else:
+        base = torch.ones(m, dtype=torch.float64)
+    # per row: max(scale, |s_k|); a row whose k-th place is empty (-inf) keeps its scale
+    base = torch.maximum(base.to(device, dtype), kth.abs().nan_to_num(0.0, 0.0, 0.0))
+    tol = tie_tolerance(dtype, queries.n_features)
+    above = torch.full((m, k), -1, dtype=torch.int64, device=device)
+    tied = torch.full((m, k), -1, dtype=torch.int64, device=device)
+    n_above = torch.zeros(m, dtype=torch.int64, device=device)
+    n_tied = torch.zeros(m, dtype=torch.int64, device=device)
+    excl_t = (
+        torch.from_numpy(np.asarray(exclude, dtype=np.int64)).to(device)
+        if exclude is not None
+        else None
+    )
+
+    def select(S: torch.Tensor, qs: slice, ts: slice) -> None:
+        if scorer is not None:
+            scorer(S, qs, ts)
+        if excl_t is not None:
+            _mask(S, excl_t[qs], ts)
+        # tolerance of every entry, tol · max(scale, |s|) (the block's one temporary;
+        # an excluded −inf entry gets a finite one, so it is neither above nor tied)
+        lim = S.abs().nan_to_num_(posinf=0.0)
+        torch.maximum(lim, base[qs, None], out=lim).mul_(tol)
+        S.sub_(kth[qs, None])  # s − s_k (−inf − −inf = NaN: never kept)
+        up = S > lim
+        _append_first(up, ts.start, above, n_above, qs)
+        del up
+        near = S.abs_() <= lim
+        _append_first(near, ts.start, tied, n_tied, qs)
+
+    scan(
+        queries,
+        targets,
+        similarity=similarity,
+        scorer=select,
+        memory_budget=max(1, memory_budget // 2),
+        device=device,
+    )
+    # the n_above (< k) clear winners, then the lowest tied positions
+    j = torch.arange(k, device=device)[None, :]
+    fill = torch.gather(tied, 1, (j - n_above[:, None]).clamp(min=0))
+    out = torch.where(j < n_above[:, None], above, fill)
+    out = torch.where(out < 0, torch.iinfo(torch.int64).max, out).sort(dim=1).values
+    out = torch.where(out == torch.iinfo(torch.int64).max, -1, out)
+    return out.cpu().numpy()
 
 
 # -- validation shared by the pair metrics ------------------------------------------

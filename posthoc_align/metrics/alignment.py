@@ -17,6 +17,7 @@ from ._similarity import (
     prepare,
     require_pairs,
     scan,
+    score_scale,
     strictly_above,
 )
 
@@ -132,8 +133,12 @@ def alignment_scores(
 
     Notes
     -----
-    Ties count as failures (a translation must be *strictly* nearer). A zero
-    mean cross-language cosine gives ``normalized_cosine = nan``. Source rows
+    Ties count as failures (a translation must be *strictly* nearer). Scores within
+    rounding of each other are a tie: ``4 · eps · sqrt(d)`` times the scale of the
+    scores, 1 (or the larger score) for cosine, ``‖x‖ · max ‖y‖`` for dot and
+    ``‖x‖² + max ‖y‖²`` for euclidean (per query row, the max over the rows
+    compared), so the dot and euclidean scores do not change with the scale of
+    ``X``. A zero mean cross-language cosine gives ``normalized_cosine = nan``. Source rows
     without a translation are not scored but take part in the strong condition
     and in the cross-language mean, as do target rows without one.
 
@@ -199,8 +204,12 @@ def alignment_scores(
         )
     g = cross.gold_score.numpy()
     tol = p.tie_tolerance()  # a score equal within rounding is a tie, i.e. not above
-    weak = strictly_above(g, cross.best_other.numpy(), tol)
-    strong = weak & strictly_above(g, own.best_other.numpy(), tol)
+    # rounding is relative to the norms of the rows compared (None: cosine, absolute)
+    qn = cross.query_norms
+    cross_scale = score_scale(similarity, qn, cross.target_max_norm)
+    own_scale = score_scale(similarity, qn, max(cross.target_max_norm, own.target_max_norm))
+    weak = strictly_above(g, cross.best_other.numpy(), tol, cross_scale)
+    strong = weak & strictly_above(g, own.best_other.numpy(), tol, own_scale)
 
     cos = pair_cosines(
         q_rows, p.target.subset(p.gold[queries]), device=p.device, memory_budget=memory_budget

@@ -8,7 +8,13 @@ from typing import Any
 import numpy as np
 
 from .._backend import compute_dtype
-from ._similarity import DEFAULT_MEMORY_BUDGET, check_k, check_memory_budget, prepare, scan
+from ._similarity import (
+    DEFAULT_MEMORY_BUDGET,
+    check_k,
+    check_memory_budget,
+    nearest_neighbours,
+    prepare,
+)
 from .retrieval import _csls_scorer, csls_penalties
 
 __all__ = ["hubness", "k_occurrence"]
@@ -86,13 +92,20 @@ def hubness(
 
     Notes
     -----
-    Ties at the ``k``-th neighbour are broken arbitrarily (``torch.topk``).
+    Ties at the ``k``-th neighbour go to the lowest target rows: scores equal
+    within rounding (``4 · eps · sqrt(d)``, relative to the larger score and at
+    least 1; see :data:`~posthoc_align.metrics._similarity.TIE_ULPS`) are a tie,
+    every target above the ``k``-th score beyond that is a neighbour, and the
+    remaining places go to the tied targets that come first in row order. So
+    duplicate target rows give the same result whatever ``memory_budget`` (see
+    :func:`~posthoc_align.metrics._similarity.nearest_neighbours`: two passes over
+    the targets, the second with blocks planned on half the budget).
 
     Dask arrays: ``X`` may be a dask array (``languages`` numpy, or dask with
     ``X``'s row chunks). Only the rows of ``source`` and ``target`` are computed,
     window by window (``memory_budget // 4`` bytes each); targets larger than
-    half the budget are read in segments of a quarter, each once, so memory
-    stays within ``memory_budget``. The result equals the numpy one.
+    half the budget are read in segments of a quarter, each once per pass, so
+    memory stays within ``memory_budget``. The result equals the numpy one.
 
     Examples
     --------
@@ -125,16 +138,16 @@ def hubness(
     if scoring == "csls":
         r_s = csls_penalties(p.target, p.source, k, memory_budget=memory_budget, device=p.device)
         scorer = _csls_scorer(r_s.to(p.device, compute_dtype(p.dtype)))
-    res = scan(
+    neighbours = nearest_neighbours(
         p.source,
         p.target,
+        kk,
         similarity="cosine",
-        k=kk,
         scorer=scorer,
         memory_budget=memory_budget,
         device=p.device,
     )
-    counts = k_occurrence(res.topk_indices.numpy(), n_t)
+    counts = k_occurrence(neighbours, n_t)
     mu, sigma = counts.mean(), counts.std()
     hubs = counts > mu + 2 * sigma
     return {

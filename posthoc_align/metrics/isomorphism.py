@@ -18,9 +18,9 @@ from ._similarity import (
     Rows,
     check_k,
     check_memory_budget,
+    nearest_neighbours,
     prepare,
     require_pairs,
-    scan,
 )
 
 __all__ = ["eigenvector_similarity", "relational_similarity", "knn_laplacian_spectrum"]
@@ -58,22 +58,25 @@ def knn_laplacian_spectrum(
     """Eigenvalues (descending) of the Laplacian of the symmetric cosine kNN graph.
 
     Each row is joined to its ``k`` nearest other rows by cosine (``k`` clipped to
-    ``n − 1``); the graph is made undirected (an edge when either row is among the
-    other's neighbours) and unweighted, and ``L = D − A``.
+    ``n − 1``; ties at the ``k``-th place go to the lowest rows, see
+    :func:`~posthoc_align.metrics._similarity.nearest_neighbours`); the graph is made
+    undirected (an edge when either row is among the other's neighbours) and
+    unweighted, and ``L = D − A``.
     """
     n = len(rows)
     k = min(k, n - 1)
-    res = scan(
+    nb = nearest_neighbours(
         rows,
         rows,
+        k,
         similarity="cosine",
-        k=k,
         exclude=np.arange(n),
         memory_budget=memory_budget,
         device=device,
     )
-    cols = res.topk_indices.numpy().ravel()
+    cols = nb.ravel()
     r = np.repeat(np.arange(n), k)
+    r, cols = r[cols >= 0], cols[cols >= 0]
     A = sp.coo_matrix((np.ones(r.size), (r, cols)), shape=(n, n)).tocsr()
     A = ((A + A.T) > 0).astype(np.float64)
     L = sp.diags(np.asarray(A.sum(axis=1)).ravel()) - A
@@ -139,7 +142,9 @@ def eigenvector_similarity(
     Unlike the rest of :mod:`posthoc_align.metrics`, this builds an n×n matrix
     (the Laplacian, densified for the eigenvalue solver); subsample with
     ``n_samples`` for more than a few thousand pairs. Ties among the ``k``-th
-    neighbours are broken arbitrarily.
+    neighbours (cosines equal within rounding, ``4 · eps · sqrt(d)``, e.g. duplicate
+    rows) go to the rows that come first among the translation pairs, whatever
+    ``memory_budget``.
 
     Dask arrays: ``X`` may be a dask array (``languages``/``pair_ids`` numpy, or dask with
     ``X``'s row chunks). Only the rows of ``source`` and ``target`` are computed,

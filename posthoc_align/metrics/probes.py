@@ -14,6 +14,7 @@ from sklearn.preprocessing import StandardScaler
 
 from .._dask import check_dask_X, is_dask, labels_numpy
 from .._validation import check_labels, check_languages, check_X, raise_non_finite
+from ._similarity import NoPairsError
 
 __all__ = ["language_id_accuracy", "transfer_gap"]
 
@@ -224,4 +225,158 @@ def transfer_gap(
         "source_score": source_score,
         "target_mean": target_mean,
         "gap": source_score - target_mean,
+    }
+
+
+# -- one language pair at a time (the tidy table of evaluate_pairs) -----------------------
+
+
+def _pair_rows(
+    X: Any, languages: Any, source: Hashable, target: Hashable, func: str
+) -> tuple[Any, np.ndarray, np.ndarray, int]:
+    """``X`` validated, the rows of ``source`` and ``target`` (in row order), all labels.
+
+    Returns ``(X, rows, languages_of_rows, n_rows_of_X)``; a dask ``X`` stays lazy.
+    """
+    if is_dask(X):
+        X = check_dask_X(X)
+        languages = labels_numpy(languages, X, "languages")
+    else:
+        nx, X = check_X(X, name="X")
+        X = nx.asnumpy(X)
+    n = X.shape[0]
+    if languages is None:
+        raise ValueError(f"{func} needs languages= (one language label per row of X).")
+    labels, codes = check_languages(languages, n)
+    known = labels.tolist()
+    for name, lang in (("source", source), ("target", target)):
+        if lang not in known:
+            raise ValueError(
+                f"{name} language {lang!r} does not occur in languages; found {known}."
+            )
+    if source == target:
+        raise ValueError(
+            f"source and target are the same language {source!r}; pass two different languages."
+        )
+    s, t = known.index(source), known.index(target)
+    rows = np.flatnonzero((codes == s) | (codes == t))
+    return X, rows, labels[codes[rows]], n
+
+
+def pair_language_id(
+    X: Any,
+    languages: Any,
+    source: Hashable,
+    target: Hashable,
+    cv: int = 5,
+    random_state: int = 0,
+) -> dict[str, float]:
+    """:func:`language_id_accuracy` on the rows of two languages only.
+
+    The entry ``"language_id"`` (and ``"language_id_majority"``) of
+    :data:`~posthoc_align.metrics.METRICS`: how well a linear probe tells
+    ``source`` rows from ``target`` rows (the order of the two does not matter).
+
+    Parameters
+    ----------
+    X : array-like, torch.Tensor or dask array of shape (n_rows, n_features)
+        Every language stacked; only the rows of the two languages are used.
+    languages : array-like of shape (n_rows,)
+    source, target : hashable
+        The two languages (must differ).
+    cv, random_state : int
+        As for :func:`language_id_accuracy`.
+
+    Returns
+    -------
+    dict
+        ``{"accuracy", "majority_baseline", "n_languages"}`` of the probe on the
+        two languages' rows.
+
+    Raises
+    ------
+    NoPairsError
+        One of the two languages has fewer rows than ``cv`` folds (a
+        :class:`ValueError`; :func:`evaluate_pairs` records NaN for such a pair).
+
+    Examples
+    --------
+    >>> import numpy as np
+    >>> rng = np.random.default_rng(0)
+    >>> X = rng.normal(size=(90, 4)) + np.repeat([[0.0] * 4, [5.0] * 4, [0.0] * 4], 30, axis=0)
+    >>> langs = ["en"] * 30 + ["de"] * 30 + ["fr"] * 30
+    >>> pair_language_id(X, langs, "en", "de")["accuracy"]
+    1.0
+    """
+    X, rows, langs, _ = _pair_rows(X, languages, source, target, "language_id")
+    if isinstance(cv, bool) or not isinstance(cv, int | np.integer) or cv < 2:
+        raise ValueError(f"cv must be an int >= 2, got {cv!r}.")
+    for lang in (source, target):
+        c = int(np.sum(langs == lang))
+        if c < cv:
+            raise NoPairsError(
+                f"language_id: language {lang!r} has {c} row(s), fewer than cv={cv} folds; "
+                "pass a smaller cv or more rows."
+            )
+    return language_id_accuracy(X[rows], langs, cv=cv, random_state=random_state)
+
+
+def pair_transfer(
+    X: Any,
+    languages: Any,
+    source: Hashable,
+    target: Hashable,
+    y: Any = None,
+    classifier: BaseEstimator | None = None,
+) -> dict[str, float]:
+    """:func:`transfer_gap` from ``source`` to ``target`` on those two languages' rows.
+
+    The entries ``"transfer_gap"``, ``"transfer_target_score"`` and
+    ``"transfer_source_score"`` of :data:`~posthoc_align.metrics.METRICS`: the probe
+    is trained on the ``source`` rows and tested on the ``target`` rows; the source
+    score is cross-validated on the source rows, as :func:`transfer_gap` defines it.
+
+    Parameters
+    ----------
+    X : array-like, torch.Tensor or dask array of shape (n_rows, n_features)
+    languages : array-like of shape (n_rows,)
+    source, target : hashable
+    y : array-like of shape (n_rows,)
+        Task label of every row of ``X`` (all languages; the two languages' rows
+        are taken). Required.
+    classifier : estimator, optional
+        As for :func:`transfer_gap`.
+
+    Returns
+    -------
+    dict
+        ``{"gap", "target_score", "source_score"}`` with
+        ``gap = source_score − target_score``.
+
+    Examples
+    --------
+    >>> import numpy as np
+    >>> rng = np.random.default_rng(0)
+    >>> y = np.tile([0, 1], 60)
+    >>> X = rng.normal(size=(120, 3)) + 4 * y[:, None]
+    >>> langs = ["en"] * 40 + ["de"] * 40 + ["fr"] * 40
+    >>> out = pair_transfer(X, langs, "en", "de", y=y)
+    >>> out["source_score"], out["target_score"]
+    (1.0, 1.0)
+    """
+    if y is None:
+        raise ValueError(
+            "the transfer metrics (transfer_gap, transfer_target_score, "
+            "transfer_source_score) need task labels: pass y= (one label per row of X, "
+            "e.g. evaluate_pairs(..., y=labels) or alignment_profile(..., y=labels))."
+        )
+    X, rows, langs, n = _pair_rows(X, languages, source, target, "transfer_gap")
+    if is_dask(X):
+        y = labels_numpy(y, X, "y")
+    y_labels, y_codes = check_labels(y, n, "y")
+    out = transfer_gap(X[rows], y_labels[y_codes[rows]], langs, source, classifier=classifier)
+    return {
+        "gap": out["gap"],
+        "target_score": out["scores"][target],
+        "source_score": out["source_score"],
     }

@@ -18,6 +18,7 @@ from ._similarity import (
     prepare,
     require_pairs,
     scan,
+    score_scale,
     strictly_above,
 )
 
@@ -62,8 +63,11 @@ def _gold_and_best(
     scoring: str,
     k: int,
     memory_budget: int,
-) -> tuple[np.ndarray, np.ndarray]:
-    """Gold score and best non-gold score of each query row (numpy)."""
+) -> tuple[np.ndarray, np.ndarray, np.ndarray | None]:
+    """Gold score, best non-gold score and tie scale of each query row (numpy).
+
+    The tie scale is :func:`score_scale` of the scores (None for cosine and CSLS).
+    """
     scorer = None
     if scoring == "csls":
         r_s = csls_penalties(p.target, p.source, k, memory_budget=memory_budget, device=p.device)
@@ -77,7 +81,8 @@ def _gold_and_best(
         memory_budget=memory_budget,
         device=p.device,
     )
-    return res.gold_score.numpy(), res.best_other.numpy()
+    scale = score_scale(scoring, res.query_norms, res.target_max_norm)
+    return res.gold_score.numpy(), res.best_other.numpy(), scale
 
 
 def retrieval_accuracy(
@@ -146,9 +151,11 @@ def retrieval_accuracy(
       stay in the search as distractors. ``r_S`` uses *all* source rows.
     * Ties: a query counts as correct only if its translation scores strictly
       higher than every other target row; a tie is a miss. Scores within rounding
-      of each other (``4 · eps · sqrt(d)``, relative to the larger score and at
-      least 1) are a tie, so a duplicate of the translation among the targets is a
-      tie wherever it sits, whatever ``memory_budget``.
+      of each other are a tie, so a duplicate of the translation among the targets
+      is a tie wherever it sits, whatever ``memory_budget``. Rounding is
+      ``4 · eps · sqrt(d)`` times the scale of the scores: 1 (or the larger score)
+      for cosine and CSLS, and ``‖x‖ · max_y ‖y‖`` per query for ``"dot"``, so dot
+      scoring gives the same hits at any scale of ``X`` (``X`` and ``1e-4 · X``).
     * ``r_T(x)`` is the same for every candidate of a query, so it cannot change
       the ranking; the search ranks by ``2 cos(x, y) − r_S(y)`` and skips that pass.
     * Scores are computed in the precision of ``X`` (float32 stays float32).
@@ -186,5 +193,5 @@ def retrieval_accuracy(
         memory_budget=memory_budget,
     )
     queries = require_pairs(p, "retrieval_accuracy", source, target)
-    g, best = _gold_and_best(p, queries, scoring, k, memory_budget)
-    return float(np.mean(strictly_above(g, best, p.tie_tolerance())))
+    g, best, scale = _gold_and_best(p, queries, scoring, k, memory_budget)
+    return float(np.mean(strictly_above(g, best, p.tie_tolerance(), scale)))

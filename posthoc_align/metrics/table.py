@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import csv
+import difflib
 import inspect
 import math
 import os
@@ -17,6 +18,7 @@ from .alignment import alignment_scores
 from .hubness import hubness
 from .isomorphism import eigenvector_similarity, relational_similarity
 from .mining import bitext_mining_f1
+from .probes import pair_language_id, pair_transfer
 from .retrieval import retrieval_accuracy
 
 __all__ = ["METRICS", "DEFAULT_METRICS", "evaluate_pairs", "to_markdown", "to_csv"]
@@ -37,7 +39,15 @@ METRICS: dict[str, tuple[Callable[..., Any], dict[str, Any], str | None]] = {
     "relational_similarity": (relational_similarity, {}, None),
     "hubness": (hubness, {}, "k_occurrence_skewness"),
     "hub_occupancy": (hubness, {}, "hub_occupancy"),
+    "language_id": (pair_language_id, {}, "accuracy"),
+    "language_id_majority": (pair_language_id, {}, "majority_baseline"),
+    "transfer_gap": (pair_transfer, {}, "gap"),
+    "transfer_target_score": (pair_transfer, {}, "target_score"),
+    "transfer_source_score": (pair_transfer, {}, "source_score"),
 }
+
+#: metrics that need per-row task labels ``y=``
+TRANSFER_METRICS = ("transfer_gap", "transfer_target_score", "transfer_source_score")
 
 DEFAULT_METRICS = (
     "retrieval_cosine",
@@ -53,6 +63,47 @@ _FIXED = {"X", "languages", "pair_ids", "source", "target", "scoring"}
 
 def _accepted(func: Callable[..., Any]) -> set[str]:
     return set(inspect.signature(func).parameters) - _FIXED
+
+
+def _takes_pair_ids(func: Callable[..., Any]) -> bool:
+    return "pair_ids" in inspect.signature(func).parameters
+
+
+def _unknown_metrics_message(unknown: list[str]) -> str:
+    hints = []
+    for name in unknown:
+        close = difflib.get_close_matches(name, list(METRICS), n=2, cutoff=0.5)
+        close.sort(key=lambda c: not name.startswith(c))  # "language_id_accuracy" → language_id
+        if close:
+            hints.append(f"{name!r}: did you mean {' or '.join(map(repr, close))}?")
+    hint = (" " + " ".join(hints)) if hints else ""
+    return f"unknown metric(s) {unknown}; choose from {sorted(METRICS)}.{hint}"
+
+
+def check_metric_request(metrics: Sequence[str], kw: Mapping[str, Any]) -> list[str]:
+    """Validate metric names and the keyword arguments they need; returns the names.
+
+    Raises a ValueError for an unknown name (with a close match when there is one),
+    for ``scoring=`` (chosen by the name), and for a transfer metric without ``y=``.
+    """
+    if isinstance(metrics, str):
+        metrics = [metrics]
+    metrics = list(metrics)
+    unknown = [m for m in metrics if m not in METRICS]
+    if unknown:
+        raise ValueError(_unknown_metrics_message(unknown))
+    if "scoring" in kw:
+        raise ValueError(
+            "scoring is chosen by the metric name (retrieval_cosine, retrieval_csls, ...); "
+            "drop scoring=."
+        )
+    wants_y = [m for m in metrics if m in TRANSFER_METRICS]
+    if wants_y and kw.get("y") is None:
+        raise ValueError(
+            f"metric(s) {wants_y} need task labels: pass y= (one label per row of X, all "
+            "languages), e.g. evaluate_pairs(X, languages, pair_ids, metrics=[...], y=labels)."
+        )
+    return metrics
 
 
 def evaluate_pairs(
@@ -80,7 +131,14 @@ def evaluate_pairs(
         ``retrieval_csls``, ``weak``, ``strong``, ``mean_cosine``,
         ``normalized_cosine``, ``mining_f1``, ``mining_precision``,
         ``mining_recall``, ``eigenvector_similarity``, ``relational_similarity``,
-        ``hubness`` (k-occurrence skewness), ``hub_occupancy``.
+        ``hubness`` (k-occurrence skewness), ``hub_occupancy``;
+        ``language_id`` (accuracy of the linear language-ID probe of
+        :func:`language_id_accuracy` on the rows of the pair's two languages) and
+        ``language_id_majority`` (its majority-class baseline);
+        ``transfer_gap``, ``transfer_target_score``, ``transfer_source_score``
+        (:func:`transfer_gap` restricted to the two languages: trained on the
+        source rows, tested on the target rows, the source score
+        cross-validated; they need ``y=``, see ``**kw``).
     tags : mapping, optional
         Extra columns added to every row, e.g. ``{"layer": 6, "transform": "centering"}``
         (what :func:`posthoc_align.plotting.plot_layer_curves` reads).
@@ -88,7 +146,10 @@ def evaluate_pairs(
         Return a ``pandas.DataFrame`` (needs pandas) instead of a list of dicts.
     **kw
         Passed to every metric function that takes them (``k``, ``memory_budget``,
-        ``device``, ``similarity``, ``random_state``, ``n_samples``, ...).
+        ``device``, ``similarity``, ``random_state``, ``n_samples``, ``cv`` of the
+        language-ID probe, ``classifier`` of the transfer probe, ...). ``y``: the
+        task label of every row of ``X`` (all languages), required by the transfer
+        metrics; each pair uses the labels of its own rows.
 
     Returns
     -------
@@ -99,16 +160,20 @@ def evaluate_pairs(
 
     Notes
     -----
-    A pair with too few translations for a metric (:class:`NoPairsError`) gets
-    ``value = nan`` and a warning, so one sparse pair does not stop a large table;
-    every other error is raised.
+    A pair with too few translations for a metric, or too few rows for the folds of
+    the language-ID probe (:class:`NoPairsError`), gets ``value = nan`` and a
+    warning, so one sparse pair does not stop a large table; every other error is
+    raised.
 
     Dask arrays: ``X`` may be a dask array (``languages``/``pair_ids`` numpy or
     dask with ``X``'s row chunks, computed once here). Every metric then reads
     only the rows of its two languages, window by window under
     ``memory_budget`` (see the metric functions), so the table equals the numpy
     one; the rows are re-read per (pair, metric function), so persist ``X``
-    first if it is expensive to compute.
+    first if it is expensive to compute. The probes (``language_id*``,
+    ``transfer_*``) compute the rows they train on to the host, as
+    :func:`language_id_accuracy` and :func:`transfer_gap` do; a dask ``y`` is
+    computed once here.
 
     Examples
     --------
@@ -127,16 +192,7 @@ def evaluate_pairs(
     | de     | en     | retrieval_cosine | 1.0000 |
     | de     | fr     | retrieval_cosine | 1.0000 |
     """
-    if isinstance(metrics, str):
-        metrics = [metrics]
-    unknown = [m for m in metrics if m not in METRICS]
-    if unknown:
-        raise ValueError(f"unknown metric(s) {unknown}; choose from {sorted(METRICS)}.")
-    if "scoring" in kw:
-        raise ValueError(
-            "scoring is chosen by the metric name (retrieval_cosine, retrieval_csls, ...); "
-            "drop scoring=."
-        )
+    metrics = check_metric_request(metrics, kw)
     funcs = {METRICS[m][0] for m in metrics}
     usable = set().union(*(_accepted(f) for f in funcs)) if funcs else set()
     stray = sorted(set(kw) - usable)
@@ -149,6 +205,8 @@ def evaluate_pairs(
         X = check_dask_X(X)
         languages = labels_numpy(languages, X, "languages")
         pair_ids = labels_numpy(pair_ids, X, "pair_ids")
+        if "y" in kw:
+            kw["y"] = labels_numpy(kw["y"], X, "y")
     else:
         _, X = check_X(X, name="X")
     labels, _ = check_languages(languages, X.shape[0])
@@ -175,7 +233,7 @@ def evaluate_pairs(
             call_kw = {**{a: v for a, v in kw.items() if a in _accepted(func)}, **fixed}
             ck = (func.__name__, tuple(sorted(fixed.items())))
             if ck not in cache:
-                args = (X, languages) if func is hubness else (X, languages, pair_ids)
+                args = (X, languages, pair_ids) if _takes_pair_ids(func) else (X, languages)
                 try:
                     cache[ck] = func(*args, src, tgt, **call_kw)
                 except NoPairsError as exc:
@@ -189,7 +247,7 @@ def evaluate_pairs(
             rows.append({**extra, "source": src, "target": tgt, "metric": name, "value": value})
     if skipped:
         warnings.warn(
-            f"{len(skipped)} value(s) set to NaN for lack of translation pairs; first: "
+            f"{len(skipped)} value(s) set to NaN for lack of translation pairs or rows; first: "
             f"{skipped[0]}",
             RuntimeWarning,
             stacklevel=2,
