@@ -8,7 +8,8 @@ The store is a zarr group (a directory) holding
 - per-row ``languages`` (str), ``pair_ids`` (stored as str, with their original kind, ``"int"``
   or ``"str"``, in the attributes), ``labels`` (int64) where given, and ``text_sha1`` (the
   SHA-1 of each UTF-8 text, 20 bytes a row) for caches built from text;
-- attributes: the encoder's model, pooling, prefix and max_length, the layer selection,
+- attributes: the encoder's model, pooling, prefix and max_length, the precision its forward
+  pass ran in (``compute_dtype``, ``cast_weights``), the layer selection,
   hidden size, dtype, library and format versions, rows planned, rows completed and a
   ``complete`` flag that is set only once every row is written.
 
@@ -53,7 +54,12 @@ _ENCODER_KEYS = (
     "layers",
     "hidden_size",
     "dtype",
+    "compute_dtype",
+    "cast_weights",
 )
+# What a cache written before an attribute existed recorded implicitly: every encoder ran in
+# float32 before the compute precision was recorded.
+_LEGACY_ENCODER_ATTRS = {"compute_dtype": "float32", "cast_weights": False}
 # Attributes that only the cache itself may set (``from_arrays(attrs=...)`` cannot).
 _RESERVED_KEYS = frozenset(
     {
@@ -74,7 +80,16 @@ _RESERVED_KEYS = frozenset(
         "fields",
     }
 )
-_FROM_ARRAYS_KEYS = ("model", "pooling", "prefix", "max_length", "encoder_n_layers", "layers")
+_FROM_ARRAYS_KEYS = (
+    "model",
+    "pooling",
+    "prefix",
+    "max_length",
+    "encoder_n_layers",
+    "layers",
+    "compute_dtype",
+    "cast_weights",
+)
 
 Progress = bool | Callable[[int, int], Any] | None
 LayerSpec = int | Sequence[int] | None
@@ -172,6 +187,13 @@ def _as_1d(values: Any, name: str, n_rows: int) -> np.ndarray:
     if hasattr(values, "detach"):  # a torch tensor
         values = values.detach().cpu().numpy()
     arr = np.asarray(values)
+    if arr.dtype.kind == "U" and arr.ndim == 1 and not isinstance(values, np.ndarray):
+        # numpy turns [None, "en"] or [1, "en"] into strings ("None", "1"): keep the
+        # objects, so the missing value or the non-string is caught
+        items = list(values)
+        if not all(isinstance(v, str) for v in items):
+            arr = np.empty(len(items), dtype=object)
+            arr[:] = items
     if arr.ndim != 1:
         raise ValueError(f"{name} must be 1-D (one entry per row), got shape {arr.shape}.")
     if arr.shape[0] != n_rows:
@@ -189,15 +211,35 @@ def _to_str(values: np.ndarray) -> np.ndarray:
     return np.array(values.tolist(), dtype=str).reshape(values.shape)
 
 
+def _refuse_missing(arr: np.ndarray, name: str, what: str = "a label") -> None:
+    """A missing entry (None, NaN, pandas' NA/NaT) is an error naming its row, as in the
+    estimators; stored as is, ``None`` would become the string ``"None"``."""
+    from ._validation import _is_missing
+
+    if arr.dtype.kind == "f":
+        rows = np.flatnonzero(np.isnan(arr))
+        row = int(rows[0]) if rows.size else None
+    elif arr.dtype.kind == "O":
+        row = next((i for i, v in enumerate(arr.tolist()) if _is_missing(v)), None)
+    else:
+        return
+    if row is not None:
+        raise ValueError(
+            f"{name} contains a missing value ({arr[row]!r} at row {row}); every row needs "
+            f"{what}. Fill or drop those rows (e.g. Series.fillna / dropna) first."
+        )
+
+
 def _check_strings(values: Any, name: str, n_rows: int) -> np.ndarray:
     arr = _as_1d(values, name, n_rows)
     if arr.dtype.kind == "U":
         return arr
+    _refuse_missing(arr, name)
     if arr.dtype.kind == "O" or arr.dtype.kind == "T":
-        bad = next((v for v in arr.tolist() if not isinstance(v, str)), None)
-        if bad is None:
-            return _to_str(arr)
-        raise TypeError(f"{name} must be strings; found {bad!r} ({type(bad).__name__}).")
+        for v in arr.tolist():
+            if not isinstance(v, str):
+                raise TypeError(f"{name} must be strings; found {v!r} ({type(v).__name__}).")
+        return _to_str(arr)
     raise TypeError(f"{name} must be strings, got an array of dtype {arr.dtype}.")
 
 
@@ -211,6 +253,7 @@ def _int_str(values: Any) -> np.ndarray:
 def _check_pair_ids(pair_ids: Any, n_rows: int) -> tuple[np.ndarray, str]:
     """Return pair ids as a str array and their kind, ``"int"`` or ``"str"``."""
     arr = _as_1d(pair_ids, "pair_ids", n_rows)
+    _refuse_missing(arr, "pair_ids", "a pair id")
     if arr.dtype.kind in "iu":
         return _int_str(arr), "int"
     if arr.dtype.kind in "UOT":
@@ -227,6 +270,7 @@ def _check_pair_ids(pair_ids: Any, n_rows: int) -> tuple[np.ndarray, str]:
 
 def _check_labels(labels: Any, n_rows: int) -> np.ndarray:
     arr = _as_1d(labels, "labels", n_rows)
+    _refuse_missing(arr, "labels")
     if arr.dtype.kind not in "iu":
         raise TypeError(f"labels must be integers, got dtype {arr.dtype}.")
     return arr.astype(np.int64)
@@ -279,9 +323,10 @@ def _takes_languages(fn: Any) -> bool:
 
 
 def _encoder_attrs(encoder: Any, layers: Any, dtype: str) -> dict[str, Any]:
-    from .encoders._identity import encoder_identity
+    from .encoders._identity import encoder_identity, encoder_precision
 
     model = encoder_identity(encoder)
+    compute_dtype, cast_weights = encoder_precision(encoder)
     n_layers = getattr(encoder, "n_layers", None)
     hidden = getattr(encoder, "hidden_size", None)
     max_length = getattr(encoder, "max_length", None)
@@ -294,10 +339,13 @@ def _encoder_attrs(encoder: Any, layers: Any, dtype: str) -> dict[str, Any]:
         "layers": _json_layers(layers),
         "hidden_size": None if hidden is None else int(hidden),
         "dtype": dtype,
+        "compute_dtype": compute_dtype,
+        "cast_weights": cast_weights,
     }
 
 
 def _check_same_encoder(stored: dict[str, Any], new: dict[str, Any], action: str) -> None:
+    stored = {**_LEGACY_ENCODER_ATTRS, **stored}  # a cache from before: computed in float32
     diffs = [
         f"{key}: cache has {stored.get(key)!r}, now {new[key]!r}"
         for key in _ENCODER_KEYS
@@ -639,6 +687,9 @@ class EmbeddingCache:
     labels : ndarray of shape (n_rows,) of int64, or None
     attrs : dict
         The store's attributes: ``model``, ``pooling``, ``prefix``, ``max_length``,
+        ``compute_dtype`` and ``cast_weights`` (the encoder's forward-pass precision; ``None``
+        when the encoder does not report it, absent from caches written before
+        posthoc_align recorded it, which were computed in float32),
         ``encoder_n_layers``, ``layers``, ``n_layers``, ``hidden_size``, ``dtype``,
         ``library_version``, ``format_version``, ``n_rows_planned``, ``rows_completed``,
         ``complete``, ``chunk_rows``, ``pair_ids_kind``, ``fields``, ``source``.
@@ -768,8 +819,10 @@ class EmbeddingCache:
             :class:`~posthoc_align.encoders.AlignedEncoder`) gets each chunk's languages.
             Its identity (``model_id``; for a model given as an object, a fingerprint of
             its weights; for an AlignedEncoder, the base encoder's plus a fingerprint of
-            the fitted transforms), ``pooling``, ``prefix``, ``max_length``, ``n_layers``
-            and ``hidden_size`` are recorded when present.
+            the fitted transforms), ``pooling``, ``prefix``, ``max_length``, ``n_layers``,
+            ``hidden_size`` and its precision (``compute_dtype``, ``cast_weights``: bfloat16
+            autocast or cast weights give slightly different embeddings than float32) are
+            recorded when present.
         texts : sequence of str
         languages : sequence of str, optional
             One per text.
@@ -786,7 +839,8 @@ class EmbeddingCache:
             Passed to ``encoder.encode``.
         append : bool, default=False
             Add ``texts`` after the rows of the finished cache at ``path`` (created if
-            absent). The encoder setup, dtype and per-row fields must match the cache's.
+            absent). The encoder setup (model, pooling, prefix, compute precision, ...),
+            dtype and per-row fields must match the cache's.
         progress : bool, callable or None, default=None
             A tqdm bar (``None``: only when logging is at INFO or lower), or a callable
             ``progress(rows_done, rows_total)`` called after each chunk.

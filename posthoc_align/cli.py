@@ -7,6 +7,7 @@ and one line on stderr saying what is wrong.
 from __future__ import annotations
 
 import argparse
+import re
 import sys
 from pathlib import Path
 from typing import Any
@@ -22,6 +23,9 @@ METHODS = {
     "lsar": "LSAR",
     "procrustes": "ProcrustesAligner",
 }
+
+
+TABLE_SUFFIXES = (".csv", ".md")
 
 
 class CLIError(Exception):
@@ -62,7 +66,13 @@ def build_parser() -> argparse.ArgumentParser:
     )
     sub = p.add_subparsers(dest="command", required=True, metavar="COMMAND")
 
-    d = sub.add_parser("demo", help="encode Bible verses offline, fit transforms, print P@1")
+    d = sub.add_parser(
+        "demo",
+        help="encode Bible verses offline, fit transforms, print P@1",
+        description="Encode Bible verses offline, fit transforms, print P@1. The cache is "
+        "CACHE_DIR/bible-<n-verses>v-<languages>-seed<seed>[-bf16].zarr: a later run with the "
+        "same settings reuses it, other settings get their own.",
+    )
     d.add_argument("--cache-dir", default="posthoc_align_demo", help="output folder")
     d.add_argument("--n-verses", type=int, default=1000, help="verses per language")
     d.add_argument("--languages", type=_csv, default=None, help="comma-separated codes")
@@ -70,6 +80,11 @@ def build_parser() -> argparse.ArgumentParser:
     d.add_argument("--batch-size", type=int, default=32)
     d.add_argument("--seed", type=int, default=0)
     d.add_argument("--no-progress", action="store_true")
+    d.add_argument(
+        "--overwrite",
+        action="store_true",
+        help="re-encode the cache of these settings even if it exists",
+    )
 
     e = sub.add_parser("encode", help="encode a dataset or a TSV file into an embedding cache")
     src = e.add_mutually_exclusive_group(required=True)
@@ -91,6 +106,19 @@ def build_parser() -> argparse.ArgumentParser:
     e.add_argument("--bf16", action="store_true")
     e.add_argument("--seed", type=int, default=0)
     e.add_argument("--no-progress", action="store_true")
+    existing = e.add_mutually_exclusive_group()
+    existing.add_argument(
+        "--overwrite",
+        action="store_true",
+        help="replace the cache at --output if there is one (a folder that is not a cache is "
+        "never deleted)",
+    )
+    existing.add_argument(
+        "--append",
+        action="store_true",
+        help="add these texts after the rows of the finished cache at --output (same model, "
+        "pooling, prefix, precision and per-row fields)",
+    )
 
     f = sub.add_parser("fit", help="fit a transform on a cache and save it")
     f.add_argument("--cache", type=Path, required=True)
@@ -123,7 +151,9 @@ def build_parser() -> argparse.ArgumentParser:
         action="store_true",
         help="evaluate only the held-out groups of the transform's split",
     )
-    v.add_argument("--output", "-o", type=Path, default=None, help=".csv or .md")
+    v.add_argument(
+        "--output", "-o", type=Path, default=None, help=f"table file: {' or '.join(TABLE_SUFFIXES)}"
+    )
 
     g = sub.add_parser("plot", help="per-layer curve or 2-D language map as PNG")
     g.add_argument("--cache", type=Path, required=True)
@@ -194,6 +224,7 @@ def _cmd_demo(a) -> int:
         dtype="bfloat16" if a.bf16 else None,
         random_state=a.seed,
         progress=not a.no_progress,
+        overwrite=a.overwrite,
     )
     return 0
 
@@ -243,6 +274,8 @@ def _cmd_encode(a) -> int:
         pair_ids=pids,
         labels=labels,
         progress=not a.no_progress,
+        append=a.append,
+        overwrite=a.overwrite,
     )
     print(f"wrote {cache.n_rows} rows x {cache.n_layers} layers x {cache.dim} dims to {a.output}")
     return 0
@@ -322,6 +355,11 @@ def _cmd_evaluate(a) -> int:
 
     from .metrics import to_csv, to_markdown
 
+    if a.output is not None and a.output.suffix.lower() not in TABLE_SUFFIXES:
+        raise CLIError(
+            f"--output {a.output}: unsupported extension {a.output.suffix or '(none)'!r}; "
+            f"supported: {', '.join(TABLE_SUFFIXES)}"
+        )
     cache = _open_cache(a.cache)
     est = _load_transform(a.transform) if a.transform else None
     split = None
@@ -331,7 +369,7 @@ def _cmd_evaluate(a) -> int:
         s = json.loads((a.transform / "split.json").read_text())
         split = _split_rows(cache, s["seed"], s["train_fraction"])
     rows = _evaluate_rows(cache, est, a.layers, a.source, a.targets, a.metrics, split)
-    if a.output is None or a.output.suffix == ".md":
+    if a.output is None or a.output.suffix.lower() == ".md":
         text = to_markdown(rows)
         print(text)
         if a.output is not None:
@@ -363,6 +401,77 @@ def _cmd_plot(a) -> int:
     return 0
 
 
+# A value after --layers/--layer that argparse would take for an option: "-2,-1" is not a
+# plain negative number, so argparse reads it as a flag and reports "expected one argument".
+_NEGATIVE_LAYERS = re.compile(r"-\d+(\s*,\s*-?\d+)*\s*,?")
+
+
+def _attach_layer_values(argv: list[str]) -> list[str]:
+    """Rewrite ``--layers -2,-1`` as ``--layers=-2,-1`` (also ``--layer``, and abbreviations)."""
+    out: list[str] = []
+    i = 0
+    while i < len(argv):
+        tok = argv[i]
+        if tok == "--":
+            out += argv[i:]
+            break
+        is_layers = len(tok) >= 5 and "--layers".startswith(tok)
+        if is_layers and i + 1 < len(argv) and _NEGATIVE_LAYERS.fullmatch(argv[i + 1]):
+            out.append(f"{tok}={argv[i + 1]}")
+            i += 2
+            continue
+        out.append(tok)
+        i += 1
+    return out
+
+
+def _cli_advice(msg: str, command: str) -> str:
+    """Say the cache's Python advice (``append=True``, ``overwrite=True``, ...) in CLI flags.
+
+    The cache's errors are written for ``EmbeddingCache.build`` callers; on the command line
+    the same remedies are ``encode``'s ``--append``/``--overwrite`` (and ``demo``'s
+    ``--overwrite``).
+    """
+    builds = command in ("encode", "demo")
+    encode = "'posthoc-align encode'"
+    overwrite = "--overwrite" if builds else f"{encode} with --overwrite"
+    rules = [
+        (
+            r"Resume it by calling EmbeddingCache\.build\([^)]*append=True\) again with the "
+            r"same arguments",
+            f"Resume it by running the {encode} command that wrote it again, with --append",
+        ),
+        (
+            r"Resume it by calling EmbeddingCache\.build\([^)]*\) again with the same arguments",
+            f"Resume it by running the {encode} (or 'posthoc-align demo') command that wrote "
+            "it again",
+        ),
+        (r", or open the finished rows with EmbeddingCache\(path, allow_incomplete=True\)", ""),
+        (r"EmbeddingCache\.build\(\.\.\., overwrite=True\)", f"{encode} ... --overwrite"),
+        (r"pass overwrite=True", f"pass {overwrite}" if builds else f"rerun {overwrite}"),
+    ]
+    if command == "encode":
+        rules += [
+            (
+                r"Use a new path for these embeddings, or pass the same encoder settings\.",
+                "Use another --output for these embeddings, pass the same encoder settings, "
+                "or pass --overwrite to replace the cache.",
+            ),
+            (r"with append=False", "without --append"),
+            (r"append=True", "--append"),
+            (r"overwrite=True", "--overwrite"),
+        ]
+    else:  # no --append here
+        rules += [
+            (r"Pass append=True to add them, overwrite=True", f"Pass {overwrite}"),
+            (r"resume it with append=(True|False)", f"rerun the {encode} command that wrote it"),
+            (r"overwrite=True", overwrite),
+        ]
+    for pattern, replacement in rules:
+        msg = re.sub(pattern, replacement, msg)
+    return msg
+
+
 _COMMANDS = {
     "demo": _cmd_demo,
     "encode": _cmd_encode,
@@ -375,7 +484,8 @@ _COMMANDS = {
 def main(argv: list[str] | None = None) -> int:
     """Entry point of ``posthoc-align``; returns the exit code."""
     parser = build_parser()
-    args = parser.parse_args(argv)
+    argv = list(sys.argv[1:] if argv is None else argv)
+    args = parser.parse_args(_attach_layer_values(argv))
     try:
         return _COMMANDS[args.command](args)
     except CLIError as exc:
@@ -383,6 +493,7 @@ def main(argv: list[str] | None = None) -> int:
         return 2
     except (FileNotFoundError, ImportError, ValueError, IndexError) as exc:
         msg = str(exc).splitlines()[0] if str(exc) else type(exc).__name__
+        msg = _cli_advice(msg, args.command)
         print(f"posthoc-align {args.command}: error: {msg}", file=sys.stderr)
         return 2
 

@@ -456,6 +456,9 @@ def test_format_and_library_versions(tmp_path):
         (dict(pair_ids=[0.5] * 5), TypeError, "pair_ids must be all ints or all strings"),
         (dict(labels=[0.5] * 5), TypeError, "labels must be integers"),
         (dict(languages=[1] * 5), TypeError, "languages must be strings"),
+        # numpy would turn a list mixing strings and ints into strings ("1")
+        (dict(languages=["en", 1, "fr", "de", "en"]), TypeError, "languages must be strings"),
+        (dict(pair_ids=[0, "a", 1, 2, 3]), TypeError, "pair_ids must be all ints or all str"),
         (dict(chunk_rows=0), ValueError, "chunk_rows"),
         (dict(dtype="int8"), ValueError, "dtype"),
         (dict(layers="some"), ValueError, "layers"),
@@ -469,6 +472,99 @@ def test_bad_input_is_a_clear_error_and_writes_nothing(tmp_path, kwargs, error, 
         EmbeddingCache.build(tmp_path / "bad.zarr", enc, **args)
     assert enc.calls == []
     assert not (tmp_path / "bad.zarr").exists()
+
+
+@pytest.mark.parametrize(
+    ("field", "values", "row", "what"),
+    [
+        ("languages", ["en", None, "fr"], 1, "label"),
+        ("languages", np.array(["en", "fr", None], dtype=object), 2, "label"),
+        ("languages", [np.nan, "en", "fr"], 0, "label"),
+        ("languages", np.array([1.0, np.nan, 2.0]), 1, "label"),
+        ("pair_ids", [0, None, 1], 1, "pair id"),
+        ("pair_ids", [0.0, 1.0, np.nan], 2, "pair id"),
+        ("labels", [1, None, 0], 1, "label"),
+        ("labels", [np.nan, 1.0, 0.0], 0, "label"),
+    ],
+)
+def test_missing_row_values_are_refused_not_stored_as_text(tmp_path, field, values, row, what):
+    # None used to be stored as the string "None" (a language of its own)
+    texts = ["a", "b", "c"]
+    match = rf"{field} contains a missing value \(.* at row {row}\); every row needs a {what}"
+    enc = FakeEncoder()
+    with pytest.raises(ValueError, match=match):
+        EmbeddingCache.build(tmp_path / "b.zarr", enc, texts, **{field: values})
+    assert enc.calls == [] and not (tmp_path / "b.zarr").exists()
+    X = np.zeros((3, 2, 4), dtype=np.float32)
+    with pytest.raises(ValueError, match=match):
+        EmbeddingCache.from_arrays(tmp_path / "f.zarr", X, **{field: values})
+    assert not (tmp_path / "f.zarr").exists()
+
+
+class _PrecisionEncoder(FakeEncoder):
+    """A FakeEncoder that reports its forward-pass precision, as HFEncoder does."""
+
+    def __init__(self, compute_dtype="float32", cast_weights=False, **kw) -> None:
+        super().__init__(**kw)
+        self.compute_dtype, self.cast_weights = compute_dtype, cast_weights
+
+
+def test_append_or_resume_in_another_compute_precision_is_an_error(tmp_path):
+    texts, langs, _, _ = _corpus(6)
+    path = tmp_path / "p.zarr"
+    cache = EmbeddingCache.build(path, _PrecisionEncoder(), texts[:3], languages=langs[:3])
+    assert cache.attrs["compute_dtype"] == "float32" and cache.attrs["cast_weights"] is False
+    for dtype, cast in (("bfloat16", False), ("bfloat16", True), ("float16", False)):
+        other = _PrecisionEncoder(dtype, cast)
+        with pytest.raises(
+            ValueError, match=f"Cannot append.*compute_dtype: cache has 'float32', now '{dtype}'"
+        ):
+            EmbeddingCache.build(path, other, texts[3:], languages=langs[3:], append=True)
+        assert other.calls == []
+    # autocast and cast weights in the same dtype are told apart too
+    bf = tmp_path / "bf.zarr"
+    cache = EmbeddingCache.build(bf, _PrecisionEncoder("bfloat16"), texts[:3], languages=langs[:3])
+    assert cache.attrs["compute_dtype"] == "bfloat16" and cache.attrs["cast_weights"] is False
+    with pytest.raises(ValueError, match="cast_weights: cache has False, now True"):
+        EmbeddingCache.build(
+            bf, _PrecisionEncoder("bfloat16", True), texts[3:], languages=langs[3:], append=True
+        )
+    # an interrupted fp32 build is not resumed in bfloat16
+    part = tmp_path / "part.zarr"
+    with pytest.raises(RuntimeError, match="simulated"):
+        EmbeddingCache.build(part, _PrecisionEncoder(fail_on_call=2), texts, chunk_rows=2)
+    with pytest.raises(ValueError, match="Cannot resume.*compute_dtype"):
+        EmbeddingCache.build(part, _PrecisionEncoder("bfloat16"), texts, chunk_rows=2)
+    # the same precision appends
+    cache = EmbeddingCache.build(
+        path, _PrecisionEncoder(), texts[3:], languages=langs[3:], append=True
+    )
+    assert cache.n_rows == 6
+
+
+def test_a_cache_without_precision_attributes_counts_as_float32(tmp_path):
+    # caches written before the precision was recorded: every encoder ran in float32
+    texts, langs, _, _ = _corpus(6)
+    path = tmp_path / "old.zarr"
+    EmbeddingCache.build(path, _PrecisionEncoder(), texts[:3], languages=langs[:3])
+    group = zarr.open_group(str(path), mode="r+")
+    attrs = dict(group.attrs)
+    for key in ("compute_dtype", "cast_weights"):
+        del attrs[key]
+    group.attrs.clear()
+    group.attrs.update(attrs)
+    assert "compute_dtype" not in EmbeddingCache(path).attrs
+    with pytest.raises(ValueError, match="compute_dtype: cache has 'float32', now 'bfloat16'"):
+        EmbeddingCache.build(
+            path, _PrecisionEncoder("bfloat16"), texts[3:], languages=langs[3:], append=True
+        )
+    cache = EmbeddingCache.build(
+        path, _PrecisionEncoder(), texts[3:], languages=langs[3:], append=True
+    )
+    assert cache.n_rows == 6
+    # an encoder that does not report its precision is not refused for it
+    cache = EmbeddingCache.build(path, FakeEncoder(), ["x"], languages=["en"], append=True)
+    assert cache.n_rows == 7
 
 
 class _BadEncoder(FakeEncoder):

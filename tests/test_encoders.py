@@ -1011,3 +1011,41 @@ def test_cache_of_an_aligned_encoder_gets_languages_and_records_its_identity(
     EmbeddingCache.build(
         tmp_path / "b", HFEncoder(copy.deepcopy(model), tok), TEXTS[:2], append=True
     )
+
+
+def test_cache_records_the_compute_precision_and_refuses_to_mix_it(bert, tmp_path, monkeypatch):
+    # bfloat16 rows (autocast or cast weights) appended to a float32 cache went unnoticed
+    from posthoc_align.cache import EmbeddingCache
+    from posthoc_align.encoders._identity import encoder_precision
+
+    model, tok = bert
+    monkeypatch.setattr(hf, "_cpu_bf16", lambda: True)
+    fp32 = HFEncoder(model, tok, show_progress_bar=False)
+    autocast = HFEncoder(model, tok, dtype="bfloat16", show_progress_bar=False)
+    cast = HFEncoder(model, tok, dtype="bfloat16", cast_weights=True, show_progress_bar=False)
+    fp16 = HFEncoder(model, tok, dtype=torch.float16, show_progress_bar=False)
+    assert (fp32.compute_dtype, autocast.compute_dtype, cast.compute_dtype) == (
+        "float32",
+        "bfloat16",
+        "bfloat16",
+    )
+    assert fp16.compute_dtype == "float16"
+    assert encoder_precision(fp32) == ("float32", False)
+    assert encoder_precision(autocast) == ("bfloat16", False)
+    assert encoder_precision(cast) == ("bfloat16", True)
+    aligned = AlignedEncoder(autocast, {1: _Shift(1.0)})
+    assert encoder_precision(aligned) == ("bfloat16", False)  # the base encoder's
+
+    path = tmp_path / "c.zarr"
+    cache = EmbeddingCache.build(path, fp32, TEXTS[:3], chunk_rows=2)
+    assert cache.attrs["compute_dtype"] == "float32" and cache.attrs["cast_weights"] is False
+    for other in (autocast, cast):
+        with pytest.raises(ValueError, match="compute_dtype: cache has 'float32', now 'bfloat16'"):
+            EmbeddingCache.build(path, other, TEXTS[3:], append=True)
+    assert EmbeddingCache(path).n_rows == 3
+    bf = EmbeddingCache.build(tmp_path / "bf.zarr", autocast, TEXTS[:3])
+    assert bf.attrs["compute_dtype"] == "bfloat16" and bf.attrs["cast_weights"] is False
+    with pytest.raises(ValueError, match="cast_weights: cache has False, now True"):
+        EmbeddingCache.build(tmp_path / "bf.zarr", cast, TEXTS[3:], append=True)
+    assert EmbeddingCache.build(tmp_path / "bf.zarr", autocast, TEXTS[3:], append=True).n_rows == 7
+    assert EmbeddingCache.build(path, fp32, TEXTS[3:], append=True).n_rows == 7

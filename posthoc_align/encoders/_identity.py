@@ -3,7 +3,9 @@
 ``EmbeddingCache`` refuses to append to (or resume) a cache with a different encoder.
 A hub name or local path names a model; an in-memory model has no name, so its
 weights are fingerprinted; an :class:`AlignedEncoder` is its base encoder plus a
-fingerprint of its fitted transforms (their parameters and learned arrays).
+fingerprint of its fitted transforms (their parameters and learned arrays). The precision
+the forward pass runs in (float32, or bfloat16/float16 under autocast or with cast weights)
+changes the embeddings too, so it is recorded beside the identity (:func:`encoder_precision`).
 """
 
 from __future__ import annotations
@@ -15,7 +17,7 @@ import numpy as np
 import torch
 from sklearn.base import BaseEstimator
 
-__all__ = ["encoder_identity"]
+__all__ = ["encoder_identity", "encoder_precision"]
 
 #: values sampled from each weight tensor for the fingerprint of an in-memory model
 _SAMPLES = 1024
@@ -101,3 +103,17 @@ def encoder_identity(encoder: Any) -> str:
     if model_id.startswith("<in-memory") and isinstance(model, torch.nn.Module):
         return f"{model_id} weights {weights_fingerprint(model)}"
     return model_id
+
+
+def encoder_precision(encoder: Any) -> tuple[str | None, bool | None]:
+    """``(compute_dtype, cast_weights)`` of an encoder; ``(None, None)`` when it does not say.
+
+    An :class:`~posthoc_align.encoders.HFEncoder` (or an AlignedEncoder over one) reports
+    ``("float32", False)``, ``("bfloat16", False)`` under bfloat16 autocast, or
+    ``("bfloat16", True)`` with its weights cast to bfloat16.
+    """
+    dtype = getattr(encoder, "compute_dtype", None)
+    if dtype is None:
+        return None, None
+    dtype = str(dtype).removeprefix("torch.")
+    return dtype, bool(getattr(encoder, "cast_weights", False)) and dtype != "float32"

@@ -119,6 +119,16 @@ class AlignedEncoder:
         """The base encoder's token limit."""
         return self.encoder.max_length
 
+    @property
+    def compute_dtype(self) -> str:
+        """The base encoder's compute dtype (see :attr:`HFEncoder.compute_dtype`)."""
+        return self.encoder.compute_dtype
+
+    @property
+    def cast_weights(self) -> bool:
+        """Whether the base encoder holds its weights in :attr:`compute_dtype`."""
+        return self.encoder.cast_weights
+
     def layer_indices(self, layers: str | int | Sequence[int] = "all") -> list[int]:
         """As :meth:`HFEncoder.layer_indices`."""
         return self.encoder.layer_indices(layers)

