@@ -201,6 +201,17 @@ class LanguageEraser(LanguageTransformerMixin):
         return self._partial_fit(X, languages)
 
     def _partial_fit(self, X, languages):
+        """Add a batch; all or nothing (a rejected batch leaves the state as it was,
+        including the languages a batch would have added)."""
+        saved = dict(self.__dict__)
+        try:
+            return self._add_batch(X, languages)
+        except Exception:
+            self.__dict__.clear()
+            self.__dict__.update(saved)
+            raise
+
+    def _add_batch(self, X, languages):
         ce = _concept_erasure()
         first = not hasattr(self, "n_samples_seen_")
         if is_dask(X):

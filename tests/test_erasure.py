@@ -2,6 +2,7 @@
 
 import pickle
 import sys
+import warnings
 
 import numpy as np
 import pytest
@@ -263,3 +264,33 @@ def test_languages_first_seen_in_later_batches(rng, oracle, as_dask):
     np.testing.assert_array_equal(est.counts_, ref.counts_)
     kw = {"languages": L} if oracle else {}
     np.testing.assert_allclose(est.transform(X, **kw), ref.transform(X, **kw), atol=1e-10)
+
+
+@pytest.mark.parametrize("oracle", [False, True])
+@pytest.mark.parametrize("kind", ["numpy", "dask"])
+def test_rejected_batch_with_a_new_language_changes_nothing(oracle, kind):
+    rng = np.random.default_rng(0)
+    X = rng.normal(size=(100, 4))
+    langs = np.repeat(["en", "fr"], 50)
+    X[langs == "fr"] += 1
+    est = LanguageEraser(oracle=oracle).partial_fit(X, languages=langs)
+    before = {k: np.copy(v) for k, v in vars(est).items() if k.endswith("_")}
+    bad = rng.normal(size=(10, 4))
+    bad[0, 0] = np.nan
+    if kind == "dask":
+        da = pytest.importorskip("dask.array")
+        bad = da.from_array(bad, chunks=5)
+    with pytest.raises(ValueError, match="NaN or infinity"):
+        est.partial_fit(bad, languages=["zz"] * 10)
+    for k, v in before.items():
+        np.testing.assert_array_equal(getattr(est, k), v)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        est.partial_fit(X[:10], languages=langs[:10])
+    ref = LanguageEraser(oracle=oracle).fit(
+        np.vstack([X, X[:10]]), languages=np.r_[langs, langs[:10]]
+    )
+    np.testing.assert_allclose(est.means_, ref.means_, atol=1e-12)
+    if oracle:  # the oracle eraser uses the languages at transform
+        with pytest.raises(ValueError, match="not seen during fit"):
+            est.transform(X[:1], languages=["zz"])
