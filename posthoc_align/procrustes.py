@@ -383,15 +383,21 @@ class ProcrustesAligner(LanguageTransformerMixin):
                 f"{self.pivot!r}: no pair_id of {lab!r} occurs among the pivot rows. Give "
                 "translations of pivot rows the same pair_id, or drop those languages."
             )
+        self._warn_few_pairs(stacklevel=4)
+
+    def _warn_few_pairs(self, stacklevel: int) -> None:
+        """Warn when a language has fewer pivot pairs than dimensions: at the end of
+        ``fit``, or (``partial_fit`` streams) at the first transform of that state."""
         d = self.n_features_in_
         few = {lab: n for lab, n in self.n_pairs_.items() if n < d}
-        if few:
+        if few and getattr(self, "_few_pairs_warned", None) != few:
+            self._few_pairs_warned = few
             warnings.warn(
                 f"fewer pivot pairs than dimensions ({d}) for {few}: the orthogonal map is "
                 "not unique (it is fixed only on the span of the pairs). Use more pairs "
                 "or reduce the dimension first.",
                 UserWarning,
-                stacklevel=3,
+                stacklevel=stacklevel,
             )
 
     def transform(self, X, languages=None):
@@ -413,6 +419,7 @@ class ProcrustesAligner(LanguageTransformerMixin):
 
     def _transform(self, X, languages=None, out=None):
         """:meth:`transform`; with ``out`` (a tensor) the result is written there."""
+        self._warn_few_pairs(stacklevel=4)
         unpaired = set(self.unpaired_languages_)
         return rotate_by_language(
             self,

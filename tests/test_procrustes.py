@@ -338,3 +338,21 @@ def test_duplicate_non_pivot_id_across_batches_is_refused_like_fit():
     with pytest.raises(ValueError, match="pair_id 0 of language 'fr' was already seen"):
         est.partial_fit(X[5:], languages=langs[5:], pair_ids=ids[5:])
     assert est.n_pairs_ == {"fr": 2}
+
+
+def test_few_pairs_warning_reaches_partial_fit_streams():
+    # fit warns at its end; a partial_fit stream has no end, so its first transform
+    # warns (once per state), as the README promises (review finding)
+    import warnings
+
+    rng = np.random.default_rng(0)
+    X = rng.normal(size=(20, 32))
+    langs, ids = np.repeat(["en", "fr"], 10), np.tile(np.arange(10), 2)
+    est = ProcrustesAligner()
+    est.partial_fit(X[::2], languages=langs[::2], pair_ids=ids[::2])
+    est.partial_fit(X[1::2], languages=langs[1::2], pair_ids=ids[1::2])
+    with pytest.warns(UserWarning, match=r"fewer pivot pairs than dimensions \(32\)"):
+        est.transform(X, languages=langs)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        est.transform(X, languages=langs)  # the same state: warned already
