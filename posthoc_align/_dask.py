@@ -156,10 +156,23 @@ def reference_row(X: Any) -> np.ndarray:
     return ref
 
 
-def _row_blocks_of(X: Any, gcodes: np.ndarray) -> list[tuple[Any, np.ndarray]]:
+def _row_blocks_of(X: Any, gcodes: np.ndarray) -> list[tuple[Any, np.ndarray, int]]:
+    """``(block, its language codes, its first row)`` for every row block of ``X``."""
     bounds = np.cumsum((0, *X.chunks[0]))
     blocks = X.to_delayed().ravel()
-    return [(b, gcodes[bounds[k] : bounds[k + 1]]) for k, b in enumerate(blocks)]
+    return [(b, gcodes[bounds[k] : bounds[k + 1]], int(bounds[k])) for k, b in enumerate(blocks)]
+
+
+def _global_rows(exc: ValueError, lo: int, hi: int) -> ValueError:
+    """A block's NaN/inf error restated with rows of the whole dask array."""
+    import re
+
+    msg = str(exc)
+    m = re.match(r"(Input \w+ contains NaN or infinity \(first at row )(\d+)(.*)", msg, re.S)
+    if m is None:
+        return exc
+    rest = m.group(3).replace("in that block", f"in the block of rows {lo}..{hi - 1}")
+    return ValueError(f"{m.group(1)}{int(m.group(2)) + lo} of the dask array{rest}")
 
 
 def moments_tree(
@@ -178,13 +191,13 @@ def moments_tree(
     import dask
 
     parts = [
-        dask.delayed(_block_moments)(b, g, list(labels), shift, second, absolute)
-        for b, g in _row_blocks_of(X, gcodes)
+        dask.delayed(_block_moments)(b, g, list(labels), shift, second, absolute, lo)
+        for b, g, lo in _row_blocks_of(X, gcodes)
     ]
     return _tree(parts, _add_moments)
 
 
-def _block_scatter(block: np.ndarray, gcodes: np.ndarray, labels, shift):
+def _block_scatter(block: np.ndarray, gcodes: np.ndarray, labels, shift, lo: int = 0):
     import torch
 
     from ._covariance import ScatterMoments
@@ -192,7 +205,10 @@ def _block_scatter(block: np.ndarray, gcodes: np.ndarray, labels, shift):
     s = ScatterMoments.with_shifts(labels, shift)
     if block.shape[0]:
         T = torch.from_numpy(np.asarray(block, dtype=np.float64))
-        s.update(T, np.asarray(labels, dtype=object), gcodes)
+        try:
+            s.update(T, np.asarray(labels, dtype=object), gcodes)
+        except ValueError as exc:
+            raise _global_rows(exc, lo, lo + block.shape[0]) from None
     return s
 
 
@@ -212,14 +228,20 @@ def scatter_tree(X: Any, gcodes: np.ndarray, labels: list, shift: np.ndarray):
     import dask
 
     parts = [
-        dask.delayed(_block_scatter)(b, g, list(labels), shift)
-        for b, g in _row_blocks_of(X, gcodes)
+        dask.delayed(_block_scatter)(b, g, list(labels), shift, lo)
+        for b, g, lo in _row_blocks_of(X, gcodes)
     ]
     return _tree(parts, _merge_scatter)
 
 
 def _block_moments(
-    block: np.ndarray, gcodes: np.ndarray, labels, shift, second: bool, absolute: bool = False
+    block: np.ndarray,
+    gcodes: np.ndarray,
+    labels,
+    shift,
+    second: bool,
+    absolute: bool = False,
+    lo: int = 0,
 ):
     import torch
 
@@ -228,7 +250,10 @@ def _block_moments(
     m = LanguageMoments.with_shifts(labels, shift, second_moments=second, absolute=absolute)
     if block.shape[0]:
         T = torch.from_numpy(np.asarray(block, dtype=np.float64))
-        m.update(T, np.asarray(labels, dtype=object), gcodes)
+        try:
+            m.update(T, np.asarray(labels, dtype=object), gcodes)
+        except ValueError as exc:
+            raise _global_rows(exc, lo, lo + block.shape[0]) from None
     return m
 
 
@@ -278,6 +303,7 @@ def partial_fit_dask(est, X, languages, pair_ids):
     from ._validation import check_pair_ids
 
     X = check_dask_X(X)
+    dev = host_device(est)  # the closed form's device (a clear error for a missing GPU)
     languages = labels_numpy(languages, X, "languages")
     pair_ids = labels_numpy(pair_ids, X, "pair_ids")
     n, d = X.shape
@@ -382,7 +408,7 @@ def partial_fit_dask(est, X, languages, pair_ids):
     if pairs is not None:
         for lab, (S, sa, sb, cnt) in res.items():
             pairs.add_moments(lab, np.asarray(S), np.asarray(sa), np.asarray(sb), cnt)
-    est._finalize("cpu")
+    est._finalize(dev)
     return est
 
 
@@ -402,7 +428,10 @@ def _transform_block(block, est, langs, block_info=None):
 
     loc = block_info[0]["array-location"][0] if block_info else (0, block.shape[0])
     kw = {} if langs is None else {"languages": langs[loc[0] : loc[1]]}
-    return est.transform(block, **_accepted(est.transform, **kw))
+    try:
+        return est.transform(block, **_accepted(est.transform, **kw))
+    except ValueError as exc:
+        raise _global_rows(exc, loc[0], loc[1]) from None
 
 
 def transform_dask(est, X, languages, n_features_out: int | None = None):
@@ -433,6 +462,8 @@ def transform_dask(est, X, languages, n_features_out: int | None = None):
         from ._validation import check_languages
 
         est._fitted_codes(*check_languages(langs, X.shape[0]), policy="error")
+    if X.ndim == 2:
+        est = _with_call_statistics(est, X, langs, languages is None)
     dtype = X.dtype if X.dtype in (np.float32, np.float64) else np.float64
     kw = {}
     if n_features_out is not None and n_features_out != X.shape[-1]:
@@ -440,3 +471,60 @@ def transform_dask(est, X, languages, n_features_out: int | None = None):
     return X.map_blocks(
         _transform_block, est, langs, dtype=dtype, meta=np.empty((0,) * X.ndim, dtype=dtype), **kw
     )
+
+
+def _with_call_statistics(est: Any, X: Any, langs: np.ndarray | None, no_labels: bool) -> Any:
+    """``est``, or for transforms that use the statistics of the rows in the call
+    (``LanguageStandardizer(mode="batch")``, ``unknown_language="batch"``) a copy of
+    it fixed to those statistics over the *whole* dask array (one pass, now), so the
+    lazy block-wise transform equals the numpy one whatever the chunking.
+    """
+    import copy
+
+    import dask
+
+    from ._validation import ALL_ROWS, check_languages
+    from .centering import LanguageMeanCentering
+    from .standardization import LanguageStandardizer, _warn_small
+
+    batch_std = isinstance(est, LanguageStandardizer) and est.mode == "batch"
+    batch_centre = isinstance(est, LanguageMeanCentering) and est.unknown_language == "batch"
+    if not (batch_std or batch_centre):
+        return est
+    n = X.shape[0]
+    labels, codes = check_languages(langs, n)
+    if batch_centre:
+        _, unknown = est._fitted_codes(labels, codes, policy="batch")
+        if not unknown:
+            return est
+        if unknown == [ALL_ROWS] and no_labels:
+            warnings.warn(
+                f"transform got no languages= although LanguageMeanCentering was fitted with "
+                f"{est.languages_.tolist()}: every row is treated as one unseen language "
+                "(unknown_language='batch'). Pass languages= (in a Pipeline, turn on "
+                "metadata routing) unless that is what you want.",
+                UserWarning,
+                stacklevel=4,
+            )
+    lab_list = [lab.item() if isinstance(lab, np.generic) else lab for lab in labels.tolist()]
+    # each language's own first row as its reference (variances need it)
+    first = np.array([int(np.argmax(codes == i)) for i in range(len(lab_list))])
+    shift = np.asarray(X[first].compute(), dtype=np.float64)
+    if not np.isfinite(shift).all():
+        from ._validation import raise_non_finite
+
+        raise_non_finite(shift)
+    (m,) = dask.compute(moments_tree(X, codes, lab_list, shift, batch_std))
+    frozen = copy.copy(est)
+    if batch_std:
+        _warn_small(lab_list, m.counts, "in this call")
+        frozen.mode = "fitted"
+        frozen.languages_ = labels  # in the order of the moments (not sorted)
+        frozen.means_, frozen.vars_ = m.means(), m.variances()
+        return frozen
+    means = m.means()
+    idx = [lab_list.index(lab) for lab in unknown]
+    frozen.unknown_language = "error"
+    frozen.languages_ = np.asarray(est.languages_.tolist() + list(unknown))
+    frozen.means_ = np.vstack([est.means_, means[idx]])
+    return frozen

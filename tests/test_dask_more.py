@@ -4,6 +4,7 @@ import warnings
 
 import numpy as np
 import pytest
+import torch
 from scipy.stats import ortho_group
 
 import posthoc_align as pa
@@ -385,3 +386,64 @@ def test_dask_transform_checks_what_it_can_at_call_time(rng):
             est.transform(Xd, languages=np.array(["xx"] * 150))
     lazy = pa.LanguageMeanCentering(unknown_language="global").fit(X, languages=L)
     assert lazy.transform(Xd, languages=np.array(["xx"] * 150)).shape == (150, 5)
+
+
+@pytest.mark.parametrize("chunks", [400, 100, 37])
+def test_in_call_statistics_of_dask_transforms_do_not_depend_on_chunks(chunks):
+    # "batch" statistics are those of all rows in the call, not of each block
+    import dask
+    import dask.array as da
+
+    from posthoc_align import LanguageMeanCentering, LanguageStandardizer
+
+    rng = np.random.default_rng(0)
+    X = rng.normal(size=(400, 6)) + 5.0
+    langs = np.array(["fr", "en", "de", "fr"] * 100)
+    X[langs == "de"] *= 3.0
+    with dask.config.set(scheduler="synchronous"):
+        std = LanguageStandardizer(mode="batch", eps=0.0).fit(X, languages=langs)
+        ref = std.transform(X, languages=langs)
+        out = std.transform(da.from_array(X, chunks=(chunks, 6)), languages=langs).compute()
+        np.testing.assert_allclose(out, ref, atol=1e-12)
+        loop = np.empty_like(X)
+        for lab in ("fr", "en", "de"):
+            rows = X[langs == lab]
+            loop[langs == lab] = (rows - rows.mean(0)) / rows.std(0)
+        np.testing.assert_allclose(out, loop, atol=1e-6)
+        cen = LanguageMeanCentering(unknown_language="batch").fit(
+            X[langs != "de"], languages=langs[langs != "de"]
+        )
+        ref = cen.transform(X, languages=langs)
+        out = cen.transform(da.from_array(X, chunks=(chunks, 6)), languages=langs).compute()
+        np.testing.assert_allclose(out, ref, atol=1e-12)
+        np.testing.assert_allclose(out[langs == "de"].mean(0), 0.0, atol=1e-12)
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="checks the error without a GPU")
+@pytest.mark.parametrize("name", ["LanguageMeanCentering", "LanguageStandardizer", "LSAR"])
+def test_dask_fit_resolves_the_device(name):
+    import dask.array as da
+
+    import posthoc_align as pa
+
+    X = np.random.default_rng(0).normal(size=(40, 4))
+    langs = np.repeat(["en", "fr"], 20)
+    with pytest.raises(ValueError, match="no CUDA GPU"):
+        getattr(pa, name)(device="cuda").fit(da.from_array(X, chunks=10), languages=langs)
+
+
+def test_dask_nan_error_names_the_row_of_the_whole_array():
+    import dask
+    import dask.array as da
+
+    from posthoc_align import LanguageMeanCentering
+
+    X = np.random.default_rng(0).normal(size=(100, 3))
+    X[77, 1] = np.nan
+    langs = np.repeat(["en", "fr"], 50)
+    with dask.config.set(scheduler="synchronous"):
+        with pytest.raises(ValueError, match=r"row 77 of the dask array.*rows 75\.\.99"):
+            LanguageMeanCentering().fit(da.from_array(X, chunks=25), languages=langs)
+        est = LanguageMeanCentering().fit(np.nan_to_num(X), languages=langs)
+        with pytest.raises(ValueError, match=r"row 77 of the dask array"):
+            est.transform(da.from_array(X, chunks=25), languages=langs).compute()
