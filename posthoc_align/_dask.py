@@ -340,7 +340,7 @@ def partial_fit_dask(est, X, languages, pair_ids):
         if m.shift is None:
             m.shift, m.sums = np.zeros((0, d)), np.zeros((0, d))
             m.sumsq = np.zeros((0, d)) if m.second_moments else None
-            m.abs_sums = np.zeros((0, d)) if getattr(m, "absolute", False) else None
+            m.abs_sums = np.zeros(d) if getattr(m, "absolute", False) else None
         for i in new:
             m.index[lab_list[i]] = len(m.labels)
             m.labels.append(lab_list[i])
@@ -349,8 +349,6 @@ def partial_fit_dask(est, X, languages, pair_ids):
         m.counts = np.concatenate([m.counts, np.zeros(len(new))])
         if m.second_moments:
             m.sumsq = np.vstack([m.sumsq, np.zeros_like(rows)])
-        if getattr(m, "absolute", False):
-            m.abs_sums = np.vstack([m.abs_sums, np.zeros_like(rows)])
     lut = np.array([m.index.get(lab, -1) for lab in lab_list], dtype=np.int64)
     gcodes = lut[codes]
     todo = {

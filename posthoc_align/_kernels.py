@@ -196,9 +196,11 @@ def language_moments(
 def language_abs_moments(
     T: torch.Tensor, gcodes: np.ndarray, shift: np.ndarray
 ) -> tuple[np.ndarray, np.ndarray]:
-    """Per-language ``Σ(x − shift[l])`` and ``Σ|x|``, float64, in one pass.
+    """Per-language ``Σ(x − shift[l])`` (float64) and per-dimension ``Σ|x|`` over all
+    rows, in one pass.
 
-    Parameters and layout as :func:`language_moments` (first moments only).
+    Parameters and layout as :func:`language_moments` (first moments only); the
+    second result has shape (n_features,).
     """
     loops = _compiled()
     X = _host(T)
@@ -206,9 +208,9 @@ def language_abs_moments(
     sh = np.ascontiguousarray(shift, dtype=np.float64)
     L = sh.shape[0]
     g = _codes(gcodes, L)
-    ranges = _ranges(n, L * d * 16) or [(0, 0)]
+    ranges = _ranges(n, L * d * 8) or [(0, 0)]
     S = np.zeros((len(ranges), L, d))
-    A = np.zeros((len(ranges), L, d))
+    A = np.zeros((len(ranges), d))
     _run(lambda k, lo, hi: loops.moments_abs_rows(X, g, sh, S[k], A[k], lo, hi), ranges)
     return S.sum(0), A.sum(0)
 

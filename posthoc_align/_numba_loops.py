@@ -37,24 +37,41 @@ def moments_rows(X, g, shift, S, Q, lo, hi, second):  # pragma: no cover - compi
                 s[j] += np.float64(row[j]) - sh[j]
 
 
+@numba.njit(nogil=True, cache=True, fastmath={"reassoc"})
+def _add_abs(b, row):  # pragma: no cover - compiled
+    """``b += |row|`` (vectorised: reassociation only, in this function alone)."""
+    for j in range(row.shape[0]):
+        b[j] += abs(row[j])
+
+
 @numba.njit(nogil=True, cache=True)
 def moments_abs_rows(X, g, shift, S, A, lo, hi):  # pragma: no cover - compiled
-    """``S[l] += x - shift[l]`` and ``A[l] += |x|`` for rows lo:hi, float64 terms.
+    """``S[l] += x - shift[l]`` (float64 terms, as :func:`moments_rows`) and
+    ``A += |x|`` over all rows, for rows lo:hi.
 
-    ``A`` (the first absolute moments) measures the magnitude of the values whose
-    rounding the means inherit (LSAR's rank cut).
+    ``A`` (per-dimension first absolute moments) measures the magnitude of the
+    values whose rounding the means inherit (LSAR's rank cut); a rough scale, so it
+    is summed in the input precision over runs of 256 rows, then in float64.
     """
     d = X.shape[1]
+    b = np.zeros(d, X.dtype)
+    run = 0
     for i in range(lo, hi):
         lang = g[i]
         row = X[i]
         s = S[lang]
-        a = A[lang]
         sh = shift[lang]
         for j in range(d):
-            v = np.float64(row[j])
-            s[j] += v - sh[j]
-            a[j] += abs(v)
+            s[j] += np.float64(row[j]) - sh[j]
+        _add_abs(b, row)
+        run += 1
+        if run == 256:
+            for j in range(d):
+                A[j] += b[j]
+                b[j] = 0
+            run = 0
+    for j in range(d):
+        A[j] += b[j]
 
 
 @numba.njit(nogil=True, cache=True, fastmath={"reassoc"})

@@ -96,9 +96,9 @@ class LanguageMoments:
         ~1e-7 instead of ~1e-6 relative, at one more in-cache pass. Defaults to
         ``second_moments`` (always on with second moments).
     absolute : bool, default=False
-        Also accumulate per-dimension sums of ``|x|`` (first absolute moments): the
-        magnitude of the values whose rounding the means inherit, independent of the
-        order of the rows (LSAR's rank cut). First moments only.
+        Also accumulate per-dimension sums of ``|x|`` over all rows (first absolute
+        moments): the magnitude of the values whose rounding the means inherit,
+        independent of the order of the rows (LSAR's rank cut). First moments only.
 
     Attributes
     ----------
@@ -109,8 +109,8 @@ class LanguageMoments:
         Reference row of each language (its first row seen), float64.
     sums, sumsq : ndarray of shape (n_languages, n_features)
         Sums of ``x - shift`` and of ``(x - shift) ** 2``, float64.
-    abs_sums : ndarray of shape (n_languages, n_features) or None
-        Sums of ``|x|`` (with ``absolute=True``), float64.
+    abs_sums : ndarray of shape (n_features,) or None
+        Sums of ``|x|`` over all rows (with ``absolute=True``), float64.
 
     Examples
     --------
@@ -152,7 +152,7 @@ class LanguageMoments:
             self.shift = np.zeros((0, d))
             self.sums = np.zeros((0, d))
             self.sumsq = np.zeros((0, d)) if self.second_moments else None
-            self.abs_sums = np.zeros((0, d)) if self.absolute else None
+            self.abs_sums = np.zeros(d) if self.absolute else None
         lab_list = _labels_list(labels)
         new = [i for i, lab in enumerate(lab_list) if lab not in self.index]
         if new:
@@ -169,8 +169,6 @@ class LanguageMoments:
                 self.counts = np.concatenate([self.counts, np.zeros(len(new))])
                 if self.second_moments:
                     self.sumsq = np.vstack([self.sumsq, np.zeros_like(rows)])
-                if self.absolute:
-                    self.abs_sums = np.vstack([self.abs_sums, np.zeros_like(rows)])
         lut = np.array([self.index.get(lab, -1) for lab in lab_list], dtype=np.int64)
         return lut[codes]
 
@@ -370,17 +368,15 @@ class LanguageMoments:
             acc_q += acc_rr + dm * (2.0 * acc_r + n_l[:, None] * dm)
 
     def _abs_sums_blocks(self, T: torch.Tensor, gcodes: np.ndarray) -> torch.Tensor:
-        """Per-language ``Σ|x|`` on the torch path: block sums added in float64."""
+        """Per-dimension ``Σ|x|`` on the torch path: block sums added in float64."""
         dev, cdt = T.device, compute_dtype(T.dtype)
-        L, (n, d) = len(self.labels), T.shape
-        g = torch.from_numpy(gcodes).to(dev)
-        acc = torch.zeros((L, d), dtype=torch.float64, device=dev)
-        bs = torch.empty((L, d), dtype=cdt, device=dev)
+        n, d = T.shape
+        acc = torch.zeros(d, dtype=torch.float64, device=dev)
         step = min(block_rows(SUM_BLOCK, dev), n)
         xbuf = torch.empty((step, d), dtype=cdt, device=dev)
         for sl in row_blocks(n, step):
             xs = torch.abs(T[sl].to(cdt), out=xbuf[: sl.stop - sl.start])
-            acc += bs.zero_().index_add_(0, g[sl], xs)
+            acc += xs.sum(0).to(torch.float64)
         return acc
 
     def _add_abs(self, acc_a: torch.Tensor, T: torch.Tensor, name: str) -> None:
@@ -455,7 +451,7 @@ class LanguageMoments:
         m.shift = np.array(shift, dtype=np.float64, copy=True)
         m.sums = np.zeros_like(m.shift)
         m.sumsq = np.zeros_like(m.shift) if second_moments else None
-        m.abs_sums = np.zeros_like(m.shift) if absolute else None
+        m.abs_sums = np.zeros(m.shift.shape[1]) if absolute else None
         m.counts = np.zeros(len(m.labels))
         return m
 
@@ -481,7 +477,7 @@ class LanguageMoments:
             if self.sumsq is not None:
                 m.sumsq = self.sumsq[:, cols].copy()
             if self.abs_sums is not None:
-                m.abs_sums = self.abs_sums[:, cols].copy()
+                m.abs_sums = self.abs_sums[cols].copy()
         return m
 
     def add(self, other: LanguageMoments) -> LanguageMoments:
@@ -515,10 +511,10 @@ class LanguageMoments:
         return np.maximum(self.sumsq / c - m * m, 0.0)
 
     def mean_abs(self) -> np.ndarray | None:
-        """Per-language means of ``|x|`` (None without ``absolute=True``)."""
+        """Per-dimension mean of ``|x|`` over all rows (None without ``absolute=True``)."""
         if self.abs_sums is None:
             return None
-        return self.abs_sums / np.maximum(self.counts, 1)[:, None]
+        return self.abs_sums / max(float(self.counts.sum()), 1.0)
 
     def global_mean(self) -> np.ndarray:
         """Mean over all rows of all languages."""

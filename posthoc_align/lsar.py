@@ -31,25 +31,34 @@ def language_subspace(means: np.ndarray, device: Any = "cpu") -> tuple[np.ndarra
     components on every device and data path).
     """
     M = torch.from_numpy(np.ascontiguousarray(means, dtype=np.float64)).to(device)
-    _, s, Vh = torch.linalg.svd(M - M.mean(0, keepdim=True), full_matrices=False)
+    C = M - M.mean(0, keepdim=True)
+    if C.shape[0] < C.shape[1]:
+        # L < d: the SVD of the small R of Cᵀ = QR (both backward stable), then
+        # Vᵀ = Wᵀ Qᵀ — the same factors as the SVD of C, ~30% faster at 100 × 768
+        Q, R = torch.linalg.qr(C.T)
+        _, s, Wh = torch.linalg.svd(R.T, full_matrices=False)
+        Vh = Wh @ Q.T
+    else:
+        _, s, Vh = torch.linalg.svd(C, full_matrices=False)
     return flip_signs(Vh.cpu().numpy()), s.cpu().numpy()
 
 
 def _rounding_cut(m: Any, means: np.ndarray) -> float:
     """Singular values at or below this are rounding, not language differences.
 
-    Each language mean inherits the rounding of its values: at most ``eps · mean|x|``
+    Each language mean inherits the rounding of its values: about ``eps · mean|x|``
     per entry (``eps`` of the least precise input; float32 rows centred in float32
     keep residual means of that order). The L×d error matrix then has Frobenius norm
-    ≤ ``eps · ‖A‖_F`` with ``A`` the per-language means of ``|x|``; the cut is 8× that
-    (the float64 SVD's own rounding, ``max(L, d) · 1e3 · eps64`` relative, besides).
+    about ``eps · sqrt(L) · ‖a‖`` with ``a`` the per-dimension mean of ``|x|`` over all
+    rows; the cut is 8× that (the float64 SVD's own rounding, ``max(L, d) · 1e3 ·
+    eps64`` relative, besides).
     Moments without absolute sums (saves from before them) fall back to the largest
     magnitude among the reference rows and the means.
     """
     eps_in = max(getattr(m, "input_eps", 0.0), np.finfo(float).eps)
-    A = m.mean_abs() if hasattr(m, "mean_abs") else None
-    if A is not None:
-        norm = float(np.linalg.norm(A))
+    a = m.mean_abs() if hasattr(m, "mean_abs") else None
+    if a is not None:
+        norm = float(np.linalg.norm(a)) * np.sqrt(means.shape[0])
     else:
         scale = max(float(np.abs(m.shift).max()), float(np.abs(means).max()))
         norm = scale * np.sqrt(means.size)
@@ -78,9 +87,10 @@ class LSAR(LanguageTransformerMixin):
         which the language means differ). Directions whose singular value is
         within the rounding of the input are never removed: on data whose language
         means already coincide (e.g. centred in float32), LSAR is the identity. The
-        cut is ``8 · eps · ‖A‖_F``, with ``eps`` the machine epsilon of the least
-        precise input and ``A`` (L×d) the per-language means of ``|x|`` (a bound on
-        the rounding the means inherit; independent of the order of the rows); when
+        cut is ``8 · eps · sqrt(L) · ‖a‖``, with ``eps`` the machine epsilon of the
+        least precise input and ``a`` the per-dimension mean of ``|x|`` over all rows
+        (the scale of the rounding the means inherit; independent of the order of
+        the rows); when
         ``None`` is cut below ``L − 1`` a warning says so. An int larger than
         ``L − 1`` is an error. A float picks the smallest ``r`` whose squared singular values
         hold at least that fraction of the total energy (like PCA).

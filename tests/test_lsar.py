@@ -193,6 +193,5 @@ def test_absolute_moments_survive_save_and_streaming(tmp_path):
     half = LSAR().partial_fit(X[:150], languages=L[:150])
     half.save(tmp_path / "l")
     again = load(tmp_path / "l").partial_fit(X[150:], languages=L[150:])
-    expected = np.array([np.abs(X[L == lab]).mean(0) for lab in again._moments.labels])
-    np.testing.assert_allclose(again._moments.mean_abs(), expected)
+    np.testing.assert_allclose(again._moments.mean_abs(), np.abs(X).mean(0))
     np.testing.assert_allclose(again.components_, ref.components_, atol=1e-10)
