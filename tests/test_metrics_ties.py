@@ -279,3 +279,31 @@ def test_duplicates_still_tie_at_any_scale(scale, dtype):
             assert (got["weak"], got["strong"]) == (weak, strong)
         got = retrieval_accuracy(Xs, L, P, "en", "de", scoring="dot", memory_budget=budget)
         assert got == bf_scores(S64, T64, gold, "dot")[0] == 0.5
+
+
+def test_an_unrelated_large_row_does_not_widen_the_tie_band():
+    # the rounding of a score is relative to the rows compared (the query and its
+    # translation), not to the largest target row (review finding: P@1 0.51 -> 0.31)
+    from posthoc_align.metrics import alignment_scores, retrieval_accuracy
+
+    rng = np.random.default_rng(0)
+    n, d = 300, 64
+    S = rng.normal(size=(n, d))
+    S /= np.linalg.norm(S, axis=1, keepdims=True)
+    T = S + 0.02 * rng.normal(size=(n, d))
+    D = T + 0.002 * rng.normal(size=(n, d))
+    X = np.vstack([S, T, D]).astype(np.float32)
+    langs = ["en"] * n + ["de"] * (2 * n)
+    pids = list(range(n)) * 2 + list(range(10**6, 10**6 + n))
+    X2 = np.hstack([X, np.zeros((len(X), 1), np.float32)])
+    big = np.zeros((1, d + 1), np.float32)
+    big[0, -1] = 100.0  # orthogonal to every row: scores 0, never retrieved
+    X2 = np.vstack([X2, big])
+    l2, p2 = langs + ["de"], pids + [-1]
+    assert retrieval_accuracy(X2, l2, p2, "en", "de", scoring="dot") == retrieval_accuracy(
+        X, langs, pids, "en", "de", scoring="dot"
+    )
+    for sim in ("dot", "euclidean"):
+        a = alignment_scores(X, langs, pids, "en", "de", similarity=sim)
+        b = alignment_scores(X2, l2, p2, "en", "de", similarity=sim)
+        assert a["weak"] == b["weak"] and a["strong"] == b["strong"]

@@ -281,7 +281,18 @@ def tie_tolerance(dtype: Any, n_features: int) -> float:
     return float(TIE_ULPS * eps * np.sqrt(max(int(n_features), 1)))
 
 
-def score_scale(similarity: str, query_norms: Any, target_max_norm: float) -> np.ndarray | None:
+def row_norms(rows: Rows, device: Any = "cpu") -> np.ndarray:
+    """``‖y‖`` of every row of ``rows`` (float64 numpy), read window by window."""
+    out = np.empty(len(rows))
+    step = 1 << 14
+    for lo in range(0, len(rows), step):
+        hi = min(lo + step, len(rows))
+        block = rows.take(lo, hi, torch.device(device), torch.float64)
+        out[lo:hi] = torch.linalg.vector_norm(block, dim=1).cpu().numpy()
+    return out
+
+
+def score_scale(similarity: str, query_norms: Any, target_max_norm: Any) -> np.ndarray | None:
     """Per query row, the magnitude that the rounding of its scores is relative to.
 
     Parameters
@@ -313,7 +324,7 @@ def score_scale(similarity: str, query_norms: Any, target_max_norm: float) -> np
         return None
     qn = np.asarray(query_norms.cpu() if torch.is_tensor(query_norms) else query_norms)
     qn = qn.astype(np.float64)
-    tmax = float(target_max_norm)
+    tmax = np.asarray(target_max_norm, dtype=np.float64)  # a scalar or one per query
     return qn * tmax if similarity == "dot" else qn * qn + tmax * tmax
 
 

@@ -16,6 +16,7 @@ from ._similarity import (
     check_memory_budget,
     prepare,
     require_pairs,
+    row_norms,
     scan,
     score_scale,
     strictly_above,
@@ -135,10 +136,10 @@ def alignment_scores(
     -----
     Ties count as failures (a translation must be *strictly* nearer). Scores within
     rounding of each other are a tie: ``4 · eps · sqrt(d)`` times the scale of the
-    scores, 1 (or the larger score) for cosine, ``‖x‖ · max ‖y‖`` for dot and
-    ``‖x‖² + max ‖y‖²`` for euclidean (per query row, the max over the rows
-    compared), so the dot and euclidean scores do not change with the scale of
-    ``X``. A zero mean cross-language cosine gives ``normalized_cosine = nan``. Source rows
+    scores, 1 (or the larger score) for cosine, ``‖x‖ · ‖y‖`` for dot and
+    ``‖x‖² + ‖y‖²`` for euclidean (``x`` the query, ``y`` its translation; at least
+    the larger score), so the dot and euclidean scores do not change with the scale
+    of ``X`` and an unrelated large row does not widen the band. A zero mean cross-language cosine gives ``normalized_cosine = nan``. Source rows
     without a translation are not scored but take part in the strong condition
     and in the cross-language mean, as do target rows without one.
 
@@ -205,11 +206,14 @@ def alignment_scores(
     g = cross.gold_score.numpy()
     tol = p.tie_tolerance()  # a score equal within rounding is a tie, i.e. not above
     # rounding is relative to the norms of the rows compared (None: cosine, absolute)
+    # of the query and its translation (not of the largest row anywhere, which would
+    # widen every query's tie band)
     qn = cross.query_norms
-    cross_scale = score_scale(similarity, qn, cross.target_max_norm)
-    own_scale = score_scale(similarity, qn, max(cross.target_max_norm, own.target_max_norm))
-    weak = strictly_above(g, cross.best_other.numpy(), tol, cross_scale)
-    strong = weak & strictly_above(g, own.best_other.numpy(), tol, own_scale)
+    scale = None
+    if similarity in ("dot", "euclidean"):
+        scale = score_scale(similarity, qn, row_norms(p.target.subset(p.gold[queries])))
+    weak = strictly_above(g, cross.best_other.numpy(), tol, scale)
+    strong = weak & strictly_above(g, own.best_other.numpy(), tol, scale)
 
     cos = pair_cosines(
         q_rows, p.target.subset(p.gold[queries]), device=p.device, memory_budget=memory_budget

@@ -17,6 +17,7 @@ from ._similarity import (
     check_memory_budget,
     prepare,
     require_pairs,
+    row_norms,
     scan,
     score_scale,
     strictly_above,
@@ -81,7 +82,12 @@ def _gold_and_best(
         memory_budget=memory_budget,
         device=p.device,
     )
-    scale = score_scale(scoring, res.query_norms, res.target_max_norm)
+    # rounding relative to the rows compared: the query and its translation (a large
+    # unrelated target row must not widen every query's tie band)
+    scale = None
+    if scoring == "dot":
+        gold_norms = row_norms(p.target.subset(p.gold[queries]))
+        scale = score_scale(scoring, res.query_norms, gold_norms)
     return res.gold_score.numpy(), res.best_other.numpy(), scale
 
 
@@ -154,7 +160,7 @@ def retrieval_accuracy(
       of each other are a tie, so a duplicate of the translation among the targets
       is a tie wherever it sits, whatever ``memory_budget``. Rounding is
       ``4 · eps · sqrt(d)`` times the scale of the scores: 1 (or the larger score)
-      for cosine and CSLS, and ``‖x‖ · max_y ‖y‖`` per query for ``"dot"``, so dot
+      for cosine and CSLS, and ``‖x‖ · ‖y‖`` of the query and its translation for ``"dot"``, so dot
       scoring gives the same hits at any scale of ``X`` (``X`` and ``1e-4 · X``).
     * ``r_T(x)`` is the same for every candidate of a query, so it cannot change
       the ranking; the search ranks by ``2 cos(x, y) − r_S(y)`` and skips that pass.
