@@ -118,7 +118,14 @@ class LanguageTransformerMixin(OneToOneFeatureMixin, TransformerMixin, BaseEstim
         """Checks run at the end of ``fit`` (e.g. warnings about tiny languages)."""
 
     #: private streaming state dropped by ``fit`` (besides every ``*_`` attribute)
-    _state_attrs: tuple[str, ...] = ("_moments", "_pairs", "_scatter", "_fitter", "_rows")
+    _state_attrs: tuple[str, ...] = (
+        "_moments",
+        "_pairs",
+        "_scatter",
+        "_fitter",
+        "_rows",
+        "_few_pairs_warned",
+    )
 
     def _reset(self) -> None:
         """Forget everything learned: every ``*_`` attribute and the streaming state."""

@@ -296,7 +296,33 @@ def _pair_indices(labels: np.ndarray, codes: np.ndarray, pids: np.ndarray, pivot
 
 
 def partial_fit_dask(est, X, languages, pair_ids):
-    """Fit-step of ``est`` on a dask array (see the module docstring)."""
+    """Fit-step of ``est`` on a dask array (see the module docstring).
+
+    All or nothing: a batch that fails (NaN/inf found while computing, bad pairs)
+    leaves the estimator as it was, without the languages it would have added.
+    """
+    saved = dict(est.__dict__)
+    m = getattr(est, "_moments", None)
+    fields = ("labels", "index", "counts", "shift", "sums", "sumsq", "abs_sums", "input_eps")
+    m_saved = None if m is None else {f: getattr(m, f, None) for f in fields}
+    if m_saved is not None:
+        m_saved["labels"], m_saved["index"] = list(m.labels), dict(m.index)
+    p = getattr(est, "_pairs", None)
+    p_released = None if p is None else p.released
+    try:
+        return _partial_fit_dask(est, X, languages, pair_ids)
+    except Exception:
+        est.__dict__.clear()
+        est.__dict__.update(saved)
+        if m_saved is not None:
+            for f, v in m_saved.items():
+                setattr(m, f, v)
+        if p is not None:
+            p.released = p_released
+        raise
+
+
+def _partial_fit_dask(est, X, languages, pair_ids):
     import dask
     import dask.array as da
 

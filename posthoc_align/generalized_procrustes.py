@@ -59,10 +59,10 @@ class GeneralizedProcrustes(LanguageTransformerMixin):
         norm of the centred paired rows. Convergence is linear, so when it is
         slow the maps can still be further from the fixpoint than ``sqrt(tol)``
         (1e-3 at ``tol=1e-8`` on hard data). ``tol=0`` iterates to the fixpoint:
-        until an update changes no map entry by more than
-        :data:`FIXPOINT_CHANGE` (the simultaneous updates are not monotone at
-        the last digits, so a rise of the objective alone does not stop it), or
-        ``n_iter``.
+        until an update moves no language's aligned paired rows by more than
+        :data:`FIXPOINT_CHANGE` relative (the simultaneous updates are not
+        monotone at the last digits, so a rise of the objective alone does not
+        stop it), or ``n_iter``.
     center : bool, default=True
         Centre every language by its own mean over all its fitted rows before
         fitting and at transform; with False, ``x ↦ x W_l``.
@@ -350,7 +350,12 @@ class GeneralizedProcrustes(LanguageTransformerMixin):
         if not self.converged_:
             warnings.warn(
                 f"GeneralizedProcrustes did not converge in n_iter={self.n_iter} updates "
-                f"(last objective decrease above tol={self.tol}); increase n_iter.",
+                + (
+                    f"(last objective decrease above tol={self.tol}); "
+                    if self.tol > 0
+                    else "(the maps still changed and the objective still fell); "
+                )
+                + "increase n_iter.",
                 ConvergenceWarning,
                 stacklevel=4,
             )
@@ -494,7 +499,9 @@ def _connected_groups(ids_by_lang: dict[Hashable, Any], langs: list[Hashable]) -
     return sorted(groups.values(), key=lambda g: str(g[0]))
 
 
-#: ``tol=0``: the iterations stop when no entry of any map changes by more than this
+#: ``tol=0``: the iterations stop when no language's aligned paired rows move by more
+#: than this, relative (``‖Y_l ΔW_l‖_F / ‖Y_l‖_F``; where a language has fewer pairs
+#: than dimensions its map may still turn outside their span, which changes nothing)
 FIXPOINT_CHANGE = 1e-12
 
 
@@ -546,14 +553,17 @@ def _gpa(
 
     C, obj = consensus()
     history, converged = [obj], False
+    row_norm = {g: float(torch.linalg.norm(Y[lo:hi])) for g, (lo, hi) in bounds.items()}
     for _ in range(n_iter):
-        change = 0.0
+        Z_prev = Z.clone()
         for g, (lo, hi) in bounds.items():
             cross = Y[lo:hi].T @ C.index_select(0, pidx[lo:hi])
-            new = torch.from_numpy(orthogonal_map(cross.cpu().numpy(), dev)).to(dev)
-            change = max(change, float((new - W[g]).abs().max()))
-            W[g] = new
+            W[g] = torch.from_numpy(orthogonal_map(cross.cpu().numpy(), dev)).to(dev)
         C, obj = consensus()
+        change = max(
+            float(torch.linalg.norm(Z[lo:hi] - Z_prev[lo:hi])) / max(row_norm[g], 1e-300)
+            for g, (lo, hi) in bounds.items()
+        )
         history.append(obj)
         if _stop(history, tol, scale, change):
             converged = True
@@ -701,7 +711,11 @@ def _gpa_moments(
         for g in present:
             sl = slice(int(g) * d, (int(g) + 1) * d)
             new = torch.from_numpy(orthogonal_map(cross[sl], dev)).to(dev)
-            change = max(change, float((new - W[sl]).abs().max()))
+            # the move of the aligned paired rows, through the language's (weighted)
+            # Gram block: tr(ΔWᵀ M_ll ΔW) / tr(M_ll)
+            dW, G = new - W[sl], Mt[sl, sl]
+            num = float((dW * (G @ dW)).sum())
+            change = max(change, (max(num, 0.0) / max(float(torch.trace(G)), 1e-300)) ** 0.5)
             W[sl] = new
         obj = objective()
         history.append(obj)

@@ -447,3 +447,26 @@ def test_dask_nan_error_names_the_row_of_the_whole_array():
         est = LanguageMeanCentering().fit(np.nan_to_num(X), languages=langs)
         with pytest.raises(ValueError, match=r"row 77 of the dask array"):
             est.transform(da.from_array(X, chunks=25), languages=langs).compute()
+
+
+@pytest.mark.parametrize("name", ["LanguageStandardizer", "LSAR", "LanguageMeanCentering"])
+def test_rejected_dask_batch_adds_no_language(name):
+    import dask
+    import dask.array as da
+
+    import posthoc_align as pa
+
+    rng = np.random.default_rng(0)
+    X = rng.normal(size=(100, 4))
+    langs = np.repeat(["a", "b"], 50)
+    X[langs == "b"] += 1.0
+    bad = rng.normal(size=(40, 4))
+    bad[35, 0] = np.nan
+    with dask.config.set(scheduler="synchronous"):
+        est = getattr(pa, name)().partial_fit(X, languages=langs)
+        with pytest.raises(ValueError, match="NaN or infinity"):
+            est.partial_fit(da.from_array(bad, chunks=20), languages=["c"] * 40)
+        assert est._moments.labels == ["a", "b"]
+        est.partial_fit(X, languages=langs)
+    ref = getattr(pa, name)().fit(np.vstack([X, X]), languages=np.r_[langs, langs])
+    np.testing.assert_allclose(est.means_, ref.means_, atol=1e-12)

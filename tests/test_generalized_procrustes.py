@@ -402,3 +402,28 @@ def test_tol_zero_iterates_to_the_fixpoint():
     W = {k: est.rotations_[i] for i, k in enumerate(names)}
     W_next = _gpa_step_reference(Y, ids, W)
     assert max(np.abs(W_next[k] - W[k]).max() for k in names) < 1e-9
+
+
+def test_tol_zero_converges_with_fewer_pairs_than_dimensions():
+    # maps may turn freely outside the span of too few pairs: convergence is measured on
+    # the aligned paired rows, so tol=0 still stops (review finding: ran to n_iter)
+    import warnings
+
+    rng = np.random.default_rng(0)
+    n_pairs, d = 4, 8
+    Z = rng.normal(size=(n_pairs, d))
+    X = np.concatenate(
+        [
+            Z @ np.linalg.qr(rng.normal(size=(d, d)))[0] + 0.1 * rng.normal(size=Z.shape)
+            for _ in range(3)
+        ]
+    )
+    langs, pids = np.repeat(["a", "b", "c"], n_pairs), np.tile(np.arange(n_pairs), 3)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", UserWarning)  # fewer pairs than dimensions
+        fit = GeneralizedProcrustes(tol=0.0, n_iter=100).fit(X, languages=langs, pair_ids=pids)
+        part = GeneralizedProcrustes(tol=0.0, n_iter=100).partial_fit(
+            X, languages=langs, pair_ids=pids
+        )
+    assert fit.converged_ and fit.n_iter_ < 50
+    assert part.converged_ and part.n_iter_ < 50
