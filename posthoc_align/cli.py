@@ -319,9 +319,18 @@ def _evaluate_rows(cache, est, layers, source, targets, metrics, heldout_split):
 
     X = cache.to_numpy()
     langs, pids = np.asarray(cache.languages), np.asarray(cache.pair_ids)
+    # the transfer metrics train on the cache's task labels (stored with --labels / labels=)
+    wants_y = any(str(m).startswith("transfer_") for m in (metrics or ()))
+    y = cache.labels if wants_y else None
+    if wants_y and y is None:
+        raise CLIError(
+            "the transfer_* metrics need task labels, and this cache stores none; build the "
+            "cache with labels (EmbeddingCache.build/from_arrays(..., labels=...)) or drop them"
+        )
     if heldout_split is not None:
         _, test = heldout_split
         X, langs, pids = X[test], langs[test], pids[test]
+        y = None if y is None else np.asarray(y)[test]
     name = "raw" if est is None else _transform_name(est)
     if est is not None:
         X = _apply(est, X, langs)
@@ -346,6 +355,7 @@ def _evaluate_rows(cache, est, layers, source, targets, metrics, heldout_split):
             pairs=[(source, t) for t in targets],
             metrics=metrics or DEFAULT_METRICS,
             tags={"layer": i, "transform": name},
+            **({} if y is None else {"y": y}),
         )
     return rows
 

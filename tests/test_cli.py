@@ -454,3 +454,22 @@ def test_demo_cache_name():
     assert odd != demo_cache_name(20, ["en", "fr/../y"])
     long = demo_cache_name(20, [f"l{i}" for i in range(40)])
     assert len(long) < 40
+
+
+def test_evaluate_transfer_metrics_use_the_cache_labels(tmp_path, capsys):
+    from posthoc_align.cache import EmbeddingCache
+    from posthoc_align.metrics import evaluate_pairs
+
+    rng = np.random.default_rng(0)
+    y = np.tile([0, 1], 30)
+    X = (rng.normal(size=(60, 2, 8)) + 3 * y[:, None, None]).astype(np.float32)
+    langs, pids = ["en"] * 30 + ["de"] * 30, list(range(30)) * 2
+    EmbeddingCache.from_arrays(tmp_path / "l.zarr", X, langs, pids, labels=y)
+    out = tmp_path / "t.csv"
+    args = ["evaluate", "--cache", str(tmp_path / "l.zarr"), "--layers", "1"]
+    assert main([*args, "--metrics", "transfer_gap", "-o", str(out)]) == 0
+    ref = evaluate_pairs(X[:, 1], langs, pids, pairs=[("en", "de")], metrics=["transfer_gap"], y=y)
+    assert f"{ref[0]['value']}" in out.read_text()
+    EmbeddingCache.from_arrays(tmp_path / "n.zarr", X, langs, pids)
+    assert main(["evaluate", "--cache", str(tmp_path / "n.zarr"), "--metrics", "transfer_gap"]) == 2
+    assert "stores none" in capsys.readouterr().err
