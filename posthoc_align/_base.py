@@ -89,16 +89,22 @@ class LanguageTransformerMixin(OneToOneFeatureMixin, TransformerMixin, BaseEstim
 
             return partial_fit_dask(self, X, languages, pair_ids)
         first = not hasattr(self, "_moments")
-        nx, Xc, dev = self._validate(X, reset=first)
-        labels, codes, pids = self._check_metadata(Xc.shape[0], languages, pair_ids)
-        if first:
-            self._moments = self._new_moments()
-            self._pairs = self._new_pairs()
-        pairs = getattr(self, "_pairs", None)
-        # every check before any statistic changes: a rejected batch leaves the fit as it was
-        prepared = pairs.check(labels, codes, pids) if pairs is not None else None
-        T = nx.to_torch(Xc, dev)
-        self._moments.update(T, labels, codes)
+        try:
+            nx, Xc, dev = self._validate(X, reset=first)
+            labels, codes, pids = self._check_metadata(Xc.shape[0], languages, pair_ids)
+            if first:
+                self._moments = self._new_moments()
+                self._pairs = self._new_pairs()
+            pairs = getattr(self, "_pairs", None)
+            # every check before any statistic changes: a rejected batch leaves the fit as
+            # it was
+            prepared = pairs.check(labels, codes, pids) if pairs is not None else None
+            T = nx.to_torch(Xc, dev)
+            self._moments.update(T, labels, codes)
+        except Exception:
+            if first:  # a rejected first batch leaves the estimator unfitted, not half-set
+                self._reset()
+            raise
         if pairs is not None:
             pairs.update(T, labels, codes, pids, self._moments, _prepared=prepared)
         self._finalize(dev)

@@ -207,6 +207,14 @@ class GeneralizedProcrustes(LanguageTransformerMixin):
 
     def _partial_fit(self, X, languages, pair_ids):
         first = not hasattr(self, "_moments")
+        try:
+            return self._add_batch(X, languages, pair_ids, first)
+        except Exception:
+            if first:  # a rejected first batch leaves the estimator unfitted, not half-set
+                self._reset()
+            raise
+
+    def _add_batch(self, X, languages, pair_ids, first: bool):
         parts = getattr(self, "_dask_parts", None)
         if not first and getattr(self, "_rows", None) is None and parts is None:
             raise RuntimeError(

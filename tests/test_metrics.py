@@ -900,3 +900,22 @@ def test_evaluate_pairs_probes_with_dask_equal_numpy():
             y=da.from_array(y, chunks=40),
         )
     assert [r["value"] for r in got] == pytest.approx([r["value"] for r in ref], rel=1e-12)
+
+
+def test_transfer_metrics_give_nan_for_a_sparse_pair_like_language_id():
+    import warnings
+
+    from posthoc_align.metrics import evaluate_pairs
+
+    rng = np.random.default_rng(0)
+    y = np.array([0, 1] * 30 + [0, 1, 0])
+    X = rng.normal(size=(63, 5)) + 3 * y[:, None]
+    langs = ["en"] * 30 + ["de"] * 30 + ["sw"] * 3
+    pids = list(range(30)) * 2 + [0, 1, 2]
+    with warnings.catch_warnings(record=True):
+        warnings.simplefilter("always")
+        rows = evaluate_pairs(
+            X, langs, pids, pairs=[("en", "de"), ("sw", "en")], metrics=["transfer_gap"], y=y
+        )
+    values = {(r["source"], r["target"]): r["value"] for r in rows}
+    assert np.isfinite(values[("en", "de")]) and np.isnan(values[("sw", "en")])

@@ -185,3 +185,29 @@ def test_wrong_ndim_messages_name_the_fix():
         PerLayer(LanguageMeanCentering()).fit(torch.zeros(10))
     with pytest.raises(ValueError, match=r"X\[:, None, :\]"):
         PerLayer(LanguageMeanCentering()).fit(np.zeros((10, 4)))
+
+
+def test_rejected_first_partial_fit_batch_leaves_the_estimator_unfitted():
+    from sklearn.exceptions import NotFittedError
+
+    from posthoc_align import GeneralizedProcrustes
+
+    X = np.random.default_rng(0).normal(size=(6, 3))
+    langs = np.array(["a", "a", "a", "b", "b", "b"])
+    bad_ids = np.array([0, 1, 2, 0, 0, 1])  # pair_id 0 twice in 'b'
+    for est in (ProcrustesAligner(pivot="a"), GeneralizedProcrustes()):
+        with pytest.raises(ValueError, match="pair_id 0"):
+            est.partial_fit(X, languages=langs, pair_ids=bad_ids)
+        assert not hasattr(est, "n_features_in_")
+        with pytest.raises(NotFittedError):
+            est.transform(X, languages=langs)
+        # a later batch of another width is a fresh start
+        est.partial_fit(X[:, :2], languages=langs, pair_ids=np.array([0, 1, 2, 0, 1, 2]))
+        assert est.n_features_in_ == 2
+    nan = X.copy()
+    nan[1, 0] = np.nan
+    est = LSAR()
+    with pytest.raises(ValueError, match="NaN or infinity"):
+        est.partial_fit(nan, languages=langs)
+    with pytest.raises(NotFittedError):
+        est.transform(X)

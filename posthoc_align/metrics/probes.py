@@ -374,6 +374,14 @@ def pair_transfer(
     if is_dask(X):
         y = labels_numpy(y, X, "y")
     y_labels, y_codes = check_labels(y, n, "y")
+    # too few source rows per class for the probe: NaN in a table, like language_id
+    src_counts = np.bincount(y_codes[rows][np.asarray(langs) == source])
+    src_counts = src_counts[src_counts > 0]
+    if src_counts.size < 2 or src_counts.min() < 2:
+        raise NoPairsError(
+            f"transfer from {source!r}: its rows need at least two classes with at least 2 "
+            f"rows each (class counts {src_counts.tolist()})"
+        )
     out = transfer_gap(X[rows], y_labels[y_codes[rows]], langs, source, classifier=classifier)
     return {
         "gap": out["gap"],
