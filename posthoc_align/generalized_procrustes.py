@@ -8,6 +8,7 @@ from collections.abc import Hashable
 from typing import Any
 
 import numpy as np
+import scipy.sparse
 import torch
 from sklearn.base import _fit_context
 from sklearn.exceptions import ConvergenceWarning
@@ -39,11 +40,22 @@ class GeneralizedProcrustes(LanguageTransformerMixin):
     (``m_p`` the number of languages holding ``p``) by alternating: compute the
     consensus ``c`` from the current maps, then give every language at once its
     orthogonal Procrustes map to the consensus, ``W_l = U Vᵀ`` with
-    ``U Σ Vᵀ = Σ_p y_{l,p}ᵀ c_p`` (Schönemann 1966). Starting from ``W_l = I``
-    and updating all languages simultaneously, no language is privileged: the
-    result does not depend on the order of languages or rows, and the shared
-    space is the consensus of the input frames (GPA fixes it only up to one
-    global rotation). ``transform`` maps ``x ↦ (x − μ_l) W_l``.
+    ``U Σ Vᵀ = Σ_p y_{l,p}ᵀ c_p`` (Schönemann 1966).
+
+    Start: sequential Procrustes (Gower 1975, §3; Ten Berge 1977): the language
+    with the most paired rows keeps ``I``, then each language in turn (the one
+    sharing the most pair ids with those already placed) gets its Procrustes map
+    onto their partial consensus ``Σ_{k placed} M_lk W_k``. Starting every map at
+    ``I`` instead cannot change the sign of any ``det(W_l W_kᵀ)``, so two languages
+    related by a reflection stay in a wrong local minimum (twice the optimal
+    objective); the sequential start has the right orientation, and with two
+    languages it is already the optimum, ``W_a W_bᵀ`` = Procrustes of ``a`` onto
+    ``b``. Frame: GPA fixes the maps only up to one global rotation ``R``; at the
+    end every map is turned by the ``R`` that maximises ``Σ_l tr(W_l R)`` (polar
+    factor of ``(Σ_l W_l)ᵀ``), the common frame closest to the languages' own
+    frames. So no language is privileged and the result does not depend on the
+    order of languages or rows, nor on the start (up to rounding, where GPA
+    reaches the same optimum). ``transform`` maps ``x ↦ (x − μ_l) W_l``.
 
     Parameters
     ----------
@@ -80,7 +92,7 @@ class GeneralizedProcrustes(LanguageTransformerMixin):
         Rows of each language that entered the fit (pair id shared with at
         least one other language).
     objective_ : ndarray of shape (n_iter_ + 1,)
-        Objective before the first update and after each update.
+        Objective at the sequential Procrustes start and after each update.
     n_iter_ : int
         Updates performed.
     converged_ : bool
@@ -115,7 +127,7 @@ class GeneralizedProcrustes(LanguageTransformerMixin):
     and the paired rows are copied to ``device`` for the iterations, which cost
     O(n_paired · d²) each; no n×n matrix is formed. ``fit`` drops the rows at its
     end, so ``partial_fit`` cannot continue a ``fit`` (or a loaded estimator);
-    each ``partial_fit`` reruns the whole GPA from the identity (so it equals
+    each ``partial_fit`` reruns the whole GPA from its start (so it equals
     ``fit`` on the data so far). Orthogonal maps only: no scaling. Fewer paired
     rows than dimensions leave a map non-unique (a warning).
 
@@ -324,7 +336,8 @@ class GeneralizedProcrustes(LanguageTransformerMixin):
             return
         present = np.flatnonzero(self.n_pairs_)
         W, history, converged = _gpa_moments(
-            stats["M"], stats["total_sq"], int(self.n_pairs_.sum()), present, d,
+            stats["M"], stats["total_sq"], int(self.n_pairs_.sum()), present,
+            stats["shared"], self.n_pairs_, d,
             self.n_iter, self.tol, dev,
         )  # fmt: skip
         self.rotations_ = W
@@ -513,6 +526,42 @@ def _connected_groups(ids_by_lang: dict[Hashable, Any], langs: list[Hashable]) -
 FIXPOINT_CHANGE = 1e-12
 
 
+def _start_order(
+    shared: np.ndarray, n_pairs: np.ndarray, present: np.ndarray
+) -> list[tuple[int, bool]]:
+    """Order of the sequential Procrustes start: ``[(language index, anchored), …]``.
+
+    ``shared[l, k]``: pair ids languages ``l`` and ``k`` both hold; ``n_pairs[l]``:
+    paired rows of ``l``. The first language is the one with the most paired rows;
+    then, each time, the unplaced language sharing the most ids with the placed
+    ones (``anchored``: it gets its Procrustes map onto their partial consensus).
+    A language sharing none (a still disconnected ``partial_fit``) starts a new
+    group at the identity. Ties go to the lower index.
+    """
+    todo = [int(g) for g in present]
+    placed: list[int] = []
+    order: list[tuple[int, bool]] = []
+    while todo:
+        links = [int(shared[g, placed].sum()) if placed else 0 for g in todo]
+        best = max(range(len(todo)), key=lambda i: (links[i], int(n_pairs[todo[i]]), -i))
+        if links[best] == 0:  # a new group: the largest remaining language
+            best = max(range(len(todo)), key=lambda i: (int(n_pairs[todo[i]]), -i))
+        g = todo.pop(best)
+        order.append((g, links[best] > 0 if placed else False))
+        placed.append(g)
+    return order
+
+
+def _common_frame(maps: list[np.ndarray], device: Any) -> np.ndarray:
+    """The global rotation ``R`` maximising ``Σ_l tr(W_l R)``: polar factor of ``(Σ W_l)ᵀ``.
+
+    GPA determines the maps only up to ``W_l ↦ W_l R``; this ``R`` puts the
+    consensus in the orthogonal frame closest to the languages' own frames, the
+    same whatever the start or the order of languages.
+    """
+    return orthogonal_map(np.sum(maps, axis=0).T, device)
+
+
 def _stop(history: list[float], tol: float, scale: float, change: float) -> bool:
     """The stopping rule shared by both GPA loops (see ``tol``)."""
     if tol > 0:
@@ -544,7 +593,21 @@ def _gpa(
         int(g): (int(np.searchsorted(lang_of, g)), int(np.searchsorted(lang_of, g, "right")))
         for g in present
     }
-    W = {g: torch.eye(d, dtype=torch.float64, device=dev) for g in bounds}
+    n_lang = int(lang_of.max()) + 1
+    held = scipy.sparse.csr_matrix(
+        (np.ones(n, dtype=np.int64), (pair_of, lang_of)), shape=(n_pair_ids, n_lang)
+    )  # which language holds which pair id (each at most once)
+    shared = (held.T @ held).toarray()
+    W: dict[int, torch.Tensor] = {}
+    S = torch.zeros((n_pair_ids, d), dtype=torch.float64, device=dev)  # Σ_{k placed} y W_k / m
+    for g, anchored in _start_order(shared, np.bincount(lang_of, minlength=n_lang), present):
+        lo, hi = bounds[g]
+        W[g] = torch.eye(d, dtype=torch.float64, device=dev)
+        if anchored:
+            cross = Y[lo:hi].T @ S.index_select(0, pidx[lo:hi])
+            W[g] = torch.from_numpy(orthogonal_map(cross.cpu().numpy(), dev)).to(dev)
+        S.index_add_(0, pidx[lo:hi], (Y[lo:hi] @ W[g]) / m[pidx[lo:hi]][:, None])
+    del S
     scale = float((Y * Y).sum()) / n  # mean squared norm (rotation invariant)
     Z = torch.empty_like(Y)
 
@@ -576,7 +639,8 @@ def _gpa(
         if _stop(history, tol, scale, change):
             converged = True
             break
-    return {g: w.cpu().numpy() for g, w in W.items()}, history, converged
+    R = _common_frame([w.cpu().numpy() for w in W.values()], dev)
+    return {g: w.cpu().numpy() @ R for g, w in W.items()}, history, converged
 
 
 def _concat_parts(parts: list) -> tuple[Any, np.ndarray, np.ndarray]:
@@ -665,6 +729,7 @@ def _gpa_stats_dask(X: Any, langs: np.ndarray, pids: np.ndarray, center: bool) -
         "labels": labs,
         "moments": m,
         "n_pairs": mask.sum(0),
+        "shared": mask.T.astype(np.int64) @ mask.astype(np.int64),
         "M": None,
         "total_sq": 0.0,
     }
@@ -693,6 +758,8 @@ def _gpa_moments(
     total_sq: float,
     n: int,
     present: np.ndarray,
+    shared: np.ndarray,
+    n_pairs: np.ndarray,
     d: int,
     n_iter: int,
     tol: float,
@@ -707,6 +774,13 @@ def _gpa_moments(
     n_lang = M.shape[0] // d
     Mt = torch.from_numpy(M).to(dev)
     W = torch.eye(d, dtype=torch.float64, device=dev).repeat(n_lang, 1)  # (L·d, d)
+    placed: list[int] = []
+    for g, anchored in _start_order(shared, n_pairs, present):
+        sl = slice(g * d, (g + 1) * d)
+        if anchored:
+            cross = sum(Mt[sl, k * d : (k + 1) * d] @ W[k * d : (k + 1) * d] for k in placed)
+            W[sl] = torch.from_numpy(orthogonal_map(cross.cpu().numpy(), dev)).to(dev)
+        placed.append(g)
     scale = total_sq / n
 
     def objective() -> float:
@@ -730,4 +804,7 @@ def _gpa_moments(
         if _stop(history, tol, scale, change):
             converged = True
             break
-    return W.reshape(n_lang, d, d).cpu().numpy(), history, converged
+    Wn = W.reshape(n_lang, d, d).cpu().numpy()
+    R = _common_frame([Wn[g] for g in present], dev)
+    Wn[present] = Wn[present] @ R
+    return Wn, history, converged
