@@ -860,6 +860,13 @@ class EmbeddingCache:
             different encoder setup or different texts than the cache being resumed or
             appended to, or a finished cache at ``path`` holding other texts.
 
+        Warns
+        -----
+        UserWarning
+            Once per call, when an :class:`~posthoc_align.encoders.HFEncoder` (or an
+            ``AlignedEncoder`` over one) truncated texts longer than its ``max_length``, with
+            the count over every chunk this call encoded (not one warning per chunk).
+
         Notes
         -----
         ``rows_completed`` is recorded after each chunk and ``complete`` only at the end,
@@ -948,40 +955,48 @@ class EmbeddingCache:
                 logger.info("resuming %s at row %d of %d", path, done, planned)
 
         bar = _show_progress(progress, total - offset, start - offset)
-        try:
-            for a, b in _chunk_bounds(start, total, chunk_rows):
-                chunk = texts[a - offset : b - offset]
-                kw = {"layers": layers}
-                if pass_languages:
-                    kw["languages"] = fields["languages"][a - offset : b - offset].tolist()
-                X = _check_block(encoder.encode(chunk, **kw), b - a, a, b, dtype, "encoder.encode")
-                block = {name: v[a - offset : b - offset] for name, v in fields.items()}
-                block["text_sha1"] = _text_sha1(chunk)
-                if writer.group is None:
-                    _check_encoder_shape(enc_attrs, X)
-                    writer.create(
-                        total,
-                        X,
-                        block,
-                        {**enc_attrs, "pair_ids_kind": kind, "source": "build"},
-                        chunk_rows,
+        # an encoder that counts truncated texts (HFEncoder, AlignedEncoder) warns once per
+        # build, with the count over every chunk, not once per chunk
+        counting = getattr(encoder, "_counting_truncations", None)
+        with counting() if callable(counting) else contextlib.nullcontext() as tally:
+            try:
+                for a, b in _chunk_bounds(start, total, chunk_rows):
+                    chunk = texts[a - offset : b - offset]
+                    kw = {"layers": layers}
+                    if pass_languages:
+                        kw["languages"] = fields["languages"][a - offset : b - offset].tolist()
+                    X = _check_block(
+                        encoder.encode(chunk, **kw), b - a, a, b, dtype, "encoder.encode"
                     )
-                elif X.shape[1:] != writer.arrays["embeddings"].shape[1:]:
-                    raise ValueError(
-                        f"encoder.encode returned rows of shape {X.shape[1:]}, but the cache at "
-                        f"{path} stores {writer.arrays['embeddings'].shape[1:]}."
-                    )
-                writer.write(a, X, block)
-                del X, block
-                _release_freed_memory()
+                    block = {name: v[a - offset : b - offset] for name, v in fields.items()}
+                    block["text_sha1"] = _text_sha1(chunk)
+                    if writer.group is None:
+                        _check_encoder_shape(enc_attrs, X)
+                        writer.create(
+                            total,
+                            X,
+                            block,
+                            {**enc_attrs, "pair_ids_kind": kind, "source": "build"},
+                            chunk_rows,
+                        )
+                    elif X.shape[1:] != writer.arrays["embeddings"].shape[1:]:
+                        raise ValueError(
+                            f"encoder.encode returned rows of shape {X.shape[1:]}, but the "
+                            f"cache at {path} stores {writer.arrays['embeddings'].shape[1:]}."
+                        )
+                    writer.write(a, X, block)
+                    del X, block
+                    _release_freed_memory()
+                    if bar is not None:
+                        bar.update(b - a)
+                    elif callable(progress):
+                        progress(b - offset, total - offset)
+            finally:
                 if bar is not None:
-                    bar.update(b - a)
-                elif callable(progress):
-                    progress(b - offset, total - offset)
-        finally:
-            if bar is not None:
-                bar.close()
+                    bar.close()
         writer.update(complete=True)
+        if tally is not None and tally.truncated:
+            warnings.warn(tally.message(), stacklevel=2)
         return cls(path)
 
     @classmethod

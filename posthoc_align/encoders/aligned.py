@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import inspect
 import json
 import os
@@ -15,7 +16,7 @@ import torch
 
 from .._validation import check_labels
 from ._hooks import hooks_removed_after, register_state_hook
-from .hf import HFEncoder, TokenStates, _check_texts
+from .hf import HFEncoder, TokenStates, _check_texts, _Truncations
 
 _CONFIG_FILE = "aligned_encoder.json"
 _FORMAT = "posthoc_align.AlignedEncoder"
@@ -180,6 +181,10 @@ class AlignedEncoder:
             for j in (j for j, w in enumerate(wanted) if w == layer):
                 self._apply_pooled(out, j, layer, transform, labels)
         return out
+
+    def _counting_truncations(self) -> contextlib.AbstractContextManager[_Truncations]:
+        """The base encoder's :meth:`HFEncoder._counting_truncations` (``encode`` runs on it)."""
+        return self.encoder._counting_truncations()
 
     def _apply_pooled(self, out, j, layer, transform, labels) -> None:
         if isinstance(out, TokenStates):

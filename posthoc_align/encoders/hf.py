@@ -8,7 +8,7 @@ import inspect
 import logging
 import os
 import warnings
-from collections.abc import Callable, Iterable, Sequence
+from collections.abc import Callable, Iterable, Iterator, Sequence
 from dataclasses import dataclass
 from typing import Any
 
@@ -59,6 +59,13 @@ class HFEncoder:
     model : str, os.PathLike or transformers.PreTrainedModel
         A model name or local directory (loaded with ``AutoModel.from_pretrained``), or a built
         model. Encoder (BERT, XLM-R, E5, LaBSE) and decoder-only (GPT-2, Llama) models work.
+        A model object whose floating-point weights are all float32 is used as is, with no
+        copy: it is moved to ``device`` and put in eval mode (as ``sentence-transformers``
+        does), so ``encoder.model`` is your object. One holding other floating dtypes
+        (a bfloat16 or float16 model, say) is **not** modified: the encoder keeps a float32
+        copy, made tensor by tensor (or, with ``cast_weights=True``, a copy in ``dtype``), so
+        ``encoder.model`` is then not your object; pass ``dtype="bfloat16"`` and
+        ``cast_weights=True`` to run a bfloat16 model without a float32 copy.
     tokenizer : str, os.PathLike or tokenizer, optional
         Required when ``model`` is a model object; defaults to ``model`` when it is a path.
     pooling : {"mean", "cls", "last", "tokens"}, default="mean"
@@ -67,12 +74,14 @@ class HFEncoder:
         decoder-only models), ``"tokens"`` returns every token's states as :class:`TokenStates`.
     batch_size : int, default=32
     max_length : int, default=512
-        Longer texts are truncated (one warning per ``encode`` call). Capped by the
+        Longer texts are truncated (one warning per ``encode`` call, one per
+        ``EmbeddingCache.build`` call with the count over all its chunks). Capped by the
         tokenizer's ``model_max_length`` and by the model's position limit
         (``max_position_embeddings``, less RoBERTa/XLM-R's offset of 2; ``n_positions``
         for GPT-2), so a long text is truncated rather than crashing the model.
     device : str or torch.device, default="auto"
-        ``"auto"`` picks CUDA when available, else CPU. The model is moved there once, here.
+        ``"auto"`` picks CUDA when available, else CPU. The model is moved there once, here
+        (a float32 model object in place; see ``model``).
     dtype : {None, "bfloat16", "float16"}, default=None
         ``None`` runs in float32; otherwise the forward pass runs under ``torch.autocast`` with
         that dtype (weights stay float32 and are cast at each matmul), or, with
@@ -88,7 +97,8 @@ class HFEncoder:
         ``dtype`` too, so results are a little further from float32 than with autocast). A
         model object you pass is **not** modified: the encoder keeps a copy made directly in
         ``dtype`` (no float32 copy), so ``encoder.model`` is then not your object, and your
-        model stays where it was. A model loaded from a name or path is cast in place.
+        model stays where it was, in its own mode. A model loaded from a name or path is cast
+        in place.
     pool_in_hooks : bool, default=True
         For ``"mean"``, ``"cls"`` and ``"last"`` pooling, pool each hidden state inside the
         forward pass with forward hooks, so only the current layer's token states are alive
@@ -101,6 +111,10 @@ class HFEncoder:
     Attributes
     ----------
     model, tokenizer : the model (in eval mode) and its tokenizer
+        ``model`` is your model object when it is float32 and ``cast_weights`` is False, else
+        the encoder's own copy (see ``model``). ``encode`` always runs the model in eval mode:
+        if it was switched back to training mode since (fine-tuning a shared model, say),
+        each ``encode`` call puts it in eval mode and restores every module's mode after.
     device : torch.device
     n_layers : int
         Number of transformer blocks; ``encode`` returns ``n_layers + 1`` states per text.
@@ -184,7 +198,11 @@ class HFEncoder:
         self.model, self.model_id = _load_model(model)
         self.tokenizer = _load_tokenizer(tokenizer, model)
         if not cast_weights:
-            self.model.float()
+            if not isinstance(model, torch.nn.Module):
+                self.model.float()  # loaded here: ours to cast
+            elif not _all_float32(self.model):
+                # the caller's model is untouched: a float32 copy, tensor by tensor
+                self.model = _copy_in_dtype(self.model, torch.float32)
         elif isinstance(model, torch.nn.Module):
             self.model = _copy_in_dtype(self.model, run_dtype)  # the caller's model is untouched
         else:
@@ -333,6 +351,7 @@ class HFEncoder:
                 pending.clear()
 
         with torch.inference_mode(), contextlib.ExitStack() as stack:
+            stack.enter_context(_eval_mode(self.model))
             if in_hooks:
                 pooler = _LayerPooler(self, pooling, wanted)
                 tap = stack.enter_context(
@@ -383,15 +402,33 @@ class HFEncoder:
                     else:
                         out[idx] = pooled.float().numpy()
             flush()
-        if n_truncated:
+        tally = getattr(self, "_truncations", None)
+        if tally is not None:  # inside _counting_truncations: the caller warns once
+            tally.truncated += n_truncated
+            tally.texts += len(texts)
+        elif n_truncated:
             warnings.warn(
-                f"{n_truncated} of {len(texts)} texts were longer than max_length="
-                f"{self._max_tokens()} tokens and were truncated",
-                stacklevel=3,
+                _truncation_message(n_truncated, len(texts), self._max_tokens()), stacklevel=3
             )
         if pooling == "tokens":
             return TokenStates(*(list(field) for field in zip(*token_out, strict=True)))
         return out
+
+    @contextlib.contextmanager
+    def _counting_truncations(self) -> Iterator[_Truncations]:
+        """Count truncated texts over several ``encode`` calls instead of warning at each.
+
+        Inside the block, ``encode`` adds its counts to the yielded tally and does not warn;
+        the caller warns once with ``tally.message()`` when ``tally.truncated`` is non-zero
+        (:meth:`~posthoc_align.cache.EmbeddingCache.build` does, once per build, not once per
+        chunk). The previous tally (or none) is restored on exit.
+        """
+        previous = getattr(self, "_truncations", None)
+        self._truncations = tally = _Truncations(max_tokens=self._max_tokens())
+        try:
+            yield tally
+        finally:
+            self._truncations = previous
 
     def _max_tokens(self) -> int:
         """``max_length``, capped by the tokenizer's ``model_max_length`` and by the
@@ -493,6 +530,26 @@ class HFEncoder:
         outside = (spans[:, 1] <= 0) | np.isin(np.asarray(ids), list(special))
         spans = np.where(outside[:, None], -1, np.maximum(spans, 0))
         return per_layer.float().cpu().numpy(), tokens, spans
+
+
+@dataclass
+class _Truncations:
+    """Texts truncated over several ``encode`` calls (see ``HFEncoder._counting_truncations``)."""
+
+    max_tokens: int
+    truncated: int = 0
+    texts: int = 0
+
+    def message(self) -> str:
+        return _truncation_message(self.truncated, self.texts, self.max_tokens)
+
+
+def _truncation_message(n_truncated: int, n_texts: int, max_tokens: int) -> str:
+    return (
+        f"{n_truncated} of {n_texts} texts were longer than max_length={max_tokens} tokens "
+        "and were truncated; raise max_length (up to the model's position limit) or split "
+        "long texts to keep their ends"
+    )
 
 
 class _LayerPooler:
@@ -619,8 +676,8 @@ def _copy_in_dtype(model: torch.nn.Module, dtype: torch.dtype) -> torch.nn.Modul
     """A deep copy of ``model`` with its floating-point parameters and buffers in ``dtype``.
 
     Each floating tensor is converted straight into the copy (``deepcopy``'s memo maps it to its
-    converted version), so no float32 duplicate of the weights is ever made; tied weights stay
-    tied. ``model`` itself is not modified.
+    converted version), so no copy of the weights in their old dtype is ever made; tied weights
+    stay tied. ``model`` itself is not modified (neither its dtype, device nor mode).
     """
     memo: dict[int, Any] = {}
     for tensor in (*model.parameters(), *model.buffers()):
@@ -631,6 +688,33 @@ def _copy_in_dtype(model: torch.nn.Module, dtype: torch.dtype) -> torch.nn.Modul
             new = torch.nn.Parameter(new, requires_grad=tensor.requires_grad)
         memo[id(tensor)] = new
     return copy.deepcopy(model, memo)
+
+
+def _all_float32(model: torch.nn.Module) -> bool:
+    """Whether every floating-point parameter and buffer of ``model`` is float32."""
+    return all(
+        t.dtype == torch.float32
+        for t in (*model.parameters(), *model.buffers())
+        if t.is_floating_point()
+    )
+
+
+@contextlib.contextmanager
+def _eval_mode(model: torch.nn.Module) -> Iterator[None]:
+    """Run ``model`` in eval mode, then give each module back the mode it had.
+
+    A no-op for a model already in eval mode (the usual case: ``HFEncoder`` puts it there).
+    """
+    training = [m for m in model.modules() if m.training]
+    if not training:
+        yield
+        return
+    model.eval()
+    try:
+        yield
+    finally:
+        for module in training:
+            module.training = True
 
 
 #: models whose position ids start after the padding index (RoBERTa's scheme): the
