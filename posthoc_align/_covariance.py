@@ -7,7 +7,10 @@ each language's own covariance are read.  Same numerics as :mod:`._stats`: block
 of :data:`~posthoc_align._stats.BLOCK_ROWS` rows are multiplied in the input
 precision and added into float64 accumulators, every language shifted by its own
 reference row (Chan, Golub & LeVeque 1983), so any chunking of the stream gives
-the same result up to rounding.  Two objects filled from different parts of the
+the same result up to rounding.  A float32 block whose products overflow or turn
+subnormal (rows of size beyond ~1e19 or below ~1e-16; read off the d×d result) is
+multiplied again scaled by a power of two, so the scatter is right at any scale
+float64 can hold.  Two objects filled from different parts of the
 data combine exactly with :meth:`ScatterMoments.merge`.
 
 Memory is ``n_languages × d × d`` float64 on the host (e.g. 10 languages at
@@ -40,6 +43,57 @@ def check_finite_rows(T: torch.Tensor, name: str = "X") -> None:
     for sl in row_blocks(T.shape[0]):
         if not bool(torch.isfinite(T[sl]).all()):
             raise_non_finite(T[sl], name, offset=sl.start)
+
+
+def _group_scatter(
+    T: torch.Tensor, idx: torch.Tensor, shift: torch.Tensor, *, rescale: bool = False
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """``Σ (x − s)(x − s)ᵀ`` over the rows ``T[idx]`` (float64), and whether it is exact.
+
+    Blocks are multiplied in the input precision (float32 stays float32: the GEMM
+    is the hot path). A product of rows of size ``a`` is of size ``a²``: in float32
+    it overflows for ``a ≳ 1e19`` and loses digits to subnormals for ``a ≲ 1e-16``.
+    Both are read off each block's d×d result (Cauchy–Schwarz bounds every entry,
+    and every partial sum, by the largest diagonal entry); the second value is a
+    device bool, False when any block was out of range. ``rescale=True`` (the rare
+    path) multiplies every block scaled by a power of two (exact) to unit size and
+    scales the result back in float64.
+    """
+    dev, d = T.device, T.shape[1]
+    cdt = compute_dtype(T.dtype)
+    fi = torch.finfo(cdt)
+    acc = torch.zeros((d, d), dtype=torch.float64, device=dev)
+    in_range = torch.ones((), dtype=torch.bool, device=dev)
+    for sl in row_blocks(idx.shape[0], block_rows(BLOCK_ROWS, dev)):
+        rows = T.index_select(0, idx[sl]).to(cdt)
+        k = rows.shape[0]
+        # compensated: the GEMM runs on the rows centred on their block mean m;
+        # with the reference row s, in float64 (dm = m − s, r = Σ(x−m)),
+        #   Σ(x−s)(x−s)ᵀ = Σ(x−m)(x−m)ᵀ + dm rᵀ + r dmᵀ + n dm dmᵀ
+        mb = rows.mean(0)
+        rows -= mb
+        dm = mb.to(torch.float64) - shift
+        cross = torch.outer(dm, rows.sum(0).to(torch.float64))
+        if rescale:
+            acc += _scaled_gram(rows)
+        else:
+            G = rows.T @ rows
+            if k > 1:  # one row is exactly its own mean
+                top = G.diagonal().max()
+                in_range &= torch.isfinite(top) & (top >= k * fi.tiny / fi.eps)
+            acc += G
+        acc += cross + cross.T + k * torch.outer(dm, dm)
+    return acc, in_range
+
+
+def _scaled_gram(Y: torch.Tensor) -> torch.Tensor:
+    """``YᵀY`` as float64 with the GEMM on ``Y / 2**e`` (entries below 1 in size)."""
+    amax = float(Y.abs().max()) if Y.numel() else 0.0
+    if amax == 0.0:
+        return torch.zeros((Y.shape[1], Y.shape[1]), dtype=torch.float64, device=Y.device)
+    e = int(np.frexp(amax)[1])  # 2**(e-1) <= amax < 2**e
+    Ys = torch.ldexp(Y, torch.tensor(-e, device=Y.device))
+    return torch.ldexp((Ys.T @ Ys).to(torch.float64), torch.tensor(2 * e, device=Y.device))
 
 
 class ScatterMoments:
@@ -93,7 +147,7 @@ class ScatterMoments:
             self.scatter = np.concatenate([self.scatter, pad])
         lut = np.array([m.index.get(lab, -1) for lab in _labels_list(labels)], dtype=np.int64)
         gcodes = lut[codes]
-        dev, cdt = T.device, compute_dtype(T.dtype)
+        dev = T.device
         order = np.argsort(gcodes, kind="stable")
         bounds = np.searchsorted(gcodes[order], np.arange(L + 1))
         perm = torch.from_numpy(order).to(dev)
@@ -102,18 +156,9 @@ class ScatterMoments:
             if lo == hi:
                 continue
             shift = torch.from_numpy(m.shift[g]).to(dev)  # float64
-            acc = torch.zeros((d, d), dtype=torch.float64, device=dev)
-            for sl in row_blocks(hi - lo, block_rows(BLOCK_ROWS, dev)):
-                rows = T.index_select(0, perm[lo + sl.start : lo + sl.stop]).to(cdt)
-                # compensated: the GEMM runs on the rows centred on their block mean m;
-                # with the reference row s, in float64 (dm = m − s, r = Σ(x−m)),
-                #   Σ(x−s)(x−s)ᵀ = Σ(x−m)(x−m)ᵀ + dm rᵀ + r dmᵀ + n dm dmᵀ
-                mb = rows.mean(0)
-                rows -= mb
-                dm = mb.to(torch.float64) - shift
-                cross = torch.outer(dm, rows.sum(0).to(torch.float64))
-                acc += rows.T @ rows
-                acc += cross + cross.T + rows.shape[0] * torch.outer(dm, dm)
+            acc, in_range = _group_scatter(T, perm[lo:hi], shift)
+            if not bool(in_range):  # rare: float32 products overflowed or were subnormal
+                acc, _ = _group_scatter(T, perm[lo:hi], shift, rescale=True)
             self.scatter[g] += acc.cpu().numpy()
         return self
 

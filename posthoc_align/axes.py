@@ -9,6 +9,7 @@ import numpy as np
 import scipy.linalg
 import torch
 from sklearn.base import _fit_context
+from sklearn.exceptions import NotFittedError
 from sklearn.utils import metadata_routing
 from sklearn.utils._param_validation import Interval, StrOptions
 from sklearn.utils.validation import _generate_get_feature_names_out, check_is_fitted
@@ -121,7 +122,12 @@ class LanguageAxes(LanguageTransformerMixin):
     and a d×d scatter matrix (:class:`posthoc_align._covariance.ScatterMoments`;
     memory ``L·d²`` float64 on the host, needed for the per-language variances
     of the neutral score). ``partial_fit`` over any chunking equals ``fit`` up to
-    rounding.
+    rounding; a stream may start with fewer rows than the axes need (e.g. one row
+    per language): the axes appear once the rows suffice, and until then
+    ``transform`` raises ``NotFittedError`` saying why. The eigenproblems and the
+    scores are computed on the scatters divided by a power of two near their mean
+    eigenvalue, so the axes and scores do not depend on the scale of ``X``
+    (float32 from ~1e-30 to ~1e30 included).
 
     Dask arrays: ``fit``/``partial_fit`` of a dask ``X`` (``languages`` numpy or
     dask with ``X``'s row chunks) compute each row block's float64 scatter on the
@@ -197,14 +203,25 @@ class LanguageAxes(LanguageTransformerMixin):
         self
         """
         self._reset()
-        return self._partial_fit(X, languages)
+        try:
+            return self._partial_fit(X, languages, streaming=False)
+        except Exception:
+            self._reset()  # a failed fit leaves the estimator unfitted, not half-set
+            raise
 
     @_fit_context(prefer_skip_nested_validation=True)
     def partial_fit(self, X, y=None, languages=None):
-        """Add a batch to the per-language scatter matrices and refit the axes."""
-        return self._partial_fit(X, languages)
+        """Add a batch to the per-language scatter matrices and refit the axes.
 
-    def _partial_fit(self, X, languages):
+        The statistics so far decide whether there are axes: a stream may start with
+        too few rows (e.g. one row per language, so no within-language scatter yet).
+        Such a batch is kept, and the axes appear once later batches make the rows
+        enough; until then ``transform`` raises ``NotFittedError`` saying why. Over
+        any chunking the result equals ``fit`` on all the rows.
+        """
+        return self._partial_fit(X, languages, streaming=True)
+
+    def _partial_fit(self, X, languages, *, streaming: bool):
         first = not hasattr(self, "_scatter")
         if first and hasattr(self, "languages_"):
             raise ValueError(
@@ -213,19 +230,17 @@ class LanguageAxes(LanguageTransformerMixin):
                 "fit() on all the data instead."
             )
         if is_dask(X):
-            return self._partial_fit_dask(X, languages, first)
+            return self._partial_fit_dask(X, languages, first, streaming)
         nx, X, dev = self._validate(X, reset=first)
         labels, codes = check_languages(languages, X.shape[0])
         s = ScatterMoments() if first else self._scatter
         n_lang = len(set(s.labels) | set(labels.tolist()))
-        n_rows = int(s.counts.sum()) + X.shape[0]
-        self._check_sizes(n_lang, n_rows, X.shape[1])
+        self._check_sizes(n_lang, X.shape[1])
         s.update(nx.to_torch(X, dev), labels, codes)
         self._scatter = s
-        self._solve(dev)
-        return self
+        return self._solve_when_ready(dev, streaming)
 
-    def _partial_fit_dask(self, X, languages, first: bool):
+    def _partial_fit_dask(self, X, languages, first: bool, streaming: bool):
         """One dask pass: per-block scatters on shared shifts, tree-reduced, merged."""
         from ._dask import begin_fit, host_device, labels_numpy, scatter_tree, shared_shifts
 
@@ -233,15 +248,14 @@ class LanguageAxes(LanguageTransformerMixin):
         labels, codes = check_languages(labels_numpy(languages, X, "languages"), X.shape[0])
         s = ScatterMoments() if first else self._scatter
         n_lang = len(set(s.labels) | set(labels.tolist()))
-        self._check_sizes(n_lang, int(s.counts.sum()) + X.shape[0], X.shape[1])
+        self._check_sizes(n_lang, X.shape[1])
         labs = _labels_list(labels)
         part = scatter_tree(X, codes, labs, shared_shifts(s.moments, len(labs), X)).compute()
         s.merge(part)  # same shifts: a plain sum
         self._scatter = s
-        self._solve(host_device(self))
-        return self
+        return self._solve_when_ready(host_device(self), streaming)
 
-    def _check_sizes(self, n_lang: int, n_rows: int, d: int) -> None:
+    def _check_sizes(self, n_lang: int, d: int) -> None:
         k_max = min(n_lang - 1, d)
         if self.n_sensitive is not None and self.n_sensitive > k_max:
             raise ValueError(
@@ -255,12 +269,52 @@ class LanguageAxes(LanguageTransformerMixin):
                 f"n_neutral={self.n_neutral} is larger than n_features={d}; use "
                 f"n_neutral <= {d} or None."
             )
-        if n_lang >= 2 and n_rows <= n_lang:
-            raise ValueError(
+
+    def _not_ready(self) -> str | None:
+        """Why the statistics so far give no LDA axes (None when they do).
+
+        Both reasons only fade as rows are added (the within-language scatter only
+        grows), so a stream that once had axes keeps them.
+        """
+        s = self._scatter
+        n_lang, n_rows = len(s.labels), int(s.counts.sum())
+        if n_lang < 2:
+            return None
+        if n_rows <= n_lang:
+            return (
                 f"LanguageAxes needs more rows than languages to estimate the "
-                f"within-language scatter; got {n_rows} row(s) for {n_lang} languages. "
-                "Give at least one language two or more rows."
+                f"within-language scatter; got {n_rows} row(s) for {n_lang} languages"
             )
+        if not float(np.trace(s.within())) > 0:
+            return (
+                "the within-language scatter is zero (every language's rows are "
+                "identical), so the LDA axes are undefined"
+            )
+        return None
+
+    def _solve_when_ready(self, dev: torch.device, streaming: bool) -> LanguageAxes:
+        """Solve for the axes, or (``partial_fit``) wait for rows that define them."""
+        why = self._not_ready()
+        if why is None:
+            self._solve(dev)
+        elif not streaming:
+            raise ValueError(f"{why}. Give at least one language two or more distinct rows.")
+        return self
+
+    def __sklearn_is_fitted__(self) -> bool:
+        return hasattr(self, "components_")
+
+    def _check_fitted(self) -> None:
+        """``check_is_fitted``, saying why when ``partial_fit`` rows give no axes yet."""
+        if not hasattr(self, "components_") and hasattr(self, "_scatter"):
+            why = self._not_ready()
+            if why is not None:
+                raise NotFittedError(
+                    f"LanguageAxes has no axes yet: {why} so far. Call partial_fit with "
+                    "more rows (at least one language needs two or more distinct rows) "
+                    "before transform."
+                )
+        check_is_fitted(self)
 
     def _solve(self, dev: torch.device) -> None:
         s = self._scatter
@@ -275,19 +329,31 @@ class LanguageAxes(LanguageTransformerMixin):
         self.means_ = means
         self.global_mean_ = mu
         Sw = scat.sum(0)
+        tr = float(np.trace(Sw))
+        if not np.isfinite(tr):
+            raise ValueError(
+                "the within-language scatter overflows float64 (rows of size ~1e154 or "
+                "more); divide X by a constant first (the axes do not depend on it)."
+            )
+        # Axes and scores are scale-free: solve on the scatters divided by a power of
+        # two near their mean eigenvalue (exact), so that no square of a variance in
+        # the eigenproblems or the scores under- or overflows, whatever the scale of X.
+        c = float(np.ldexp(1.0, int(np.frexp(tr / d)[1]))) if tr > 0 else 1.0
+        root_c = float(np.sqrt(c))
+        scat = scat / c
+        Sw = Sw / c
 
         # -- sensitive axes: LDA ------------------------------------------------
         k_max = min(n_lang - 1, d)
         if k_max > 0:
-            dm = means - mu
+            dm = (means - mu) / root_c
             Sb = (dm * counts[:, None]).T @ dm
-            tr = float(np.trace(Sw))
-            if not tr > 0:
+            if not tr > 0:  # _not_ready() keeps such statistics from coming here
                 raise ValueError(
                     "the within-language scatter is zero (every language's rows are "
                     "identical), so the LDA axes are undefined; pass varied rows."
                 )
-            ridge = LDA_RIDGE * tr / d
+            ridge = LDA_RIDGE * float(np.trace(Sw)) / d
             evals, evecs = scipy.linalg.eigh(
                 Sb, Sw + ridge * np.eye(d), subset_by_index=[d - k_max, d - 1]
             )
@@ -321,7 +387,7 @@ class LanguageAxes(LanguageTransformerMixin):
         D_l = torch.from_numpy(scat / counts[:, None, None] - Sw / n).to(dev)
         dev_var = ((D_l @ V) * V).sum(1)  # s²_l − σ², shape (L, d)
         pi = torch.from_numpy(pi_np).to(dev)
-        proj = torch.from_numpy(means - pi_np @ means).to(dev) @ V  # m_l − m̄, (L, d)
+        proj = torch.from_numpy((means - pi_np @ means) / root_c).to(dev) @ V  # m_l − m̄
         between = (pi[:, None] * proj**2).sum(0)
         spread = (pi[:, None] * dev_var**2).sum(0)
         lam_max = float(lam.max()) if d else 0.0
@@ -357,7 +423,7 @@ class LanguageAxes(LanguageTransformerMixin):
             ``mode="remove_sensitive"``, (n_rows, n_neutral_) with
             ``mode="keep_neutral"``
         """
-        check_is_fitted(self)
+        self._check_fitted()
         if is_dask(X):
             return transform_dask(self, X, None, n_features_out=self._n_features_out)
         nx, Xc, dev = self._validate(X, reset=False)
@@ -382,7 +448,7 @@ class LanguageAxes(LanguageTransformerMixin):
         ``"remove_sensitive"``: the input names. ``"keep_neutral"``:
         ``languageaxes0``, ``languageaxes1``, … (one per kept axis).
         """
-        check_is_fitted(self)
+        self._check_fitted()
         if self.mode == "keep_neutral":
             return _generate_get_feature_names_out(
                 self, self._n_features_out, input_features=input_features

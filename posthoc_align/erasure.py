@@ -115,11 +115,14 @@ class LanguageEraser(LanguageTransformerMixin):
     Notes
     -----
     Statistics are streamed by ``concept_erasure.LeaceFitter`` (``OracleFitter``
-    when ``oracle=True``) in float64 on ``device``, rows fed in blocks of 4096,
-    and the closed form is its ``eraser``. Fitter settings, chosen to match the
-    paper exactly: ``shrinkage=False`` (sample covariance with Bessel's
-    correction, pseudo-inverse), ``constrain_cov_trace=False`` (that option
-    mixes in an orthogonal projection and breaks the guarantee), and
+    when ``oracle=True``) in float64 on ``device``, rows fed in blocks of 4096
+    minus a float64 reference row (the first row fitted; Chan, Golub & LeVeque
+    1983, as in :mod:`posthoc_align._stats`), so that a large common offset costs
+    no precision in the covariances; the closed form is the fitter's ``eraser``.
+    Fitter settings, chosen to match the paper exactly: ``shrinkage=False``
+    (sample covariance with Bessel's correction, pseudo-inverse),
+    ``constrain_cov_trace=False`` (that option mixes in an orthogonal projection
+    and breaks the guarantee), and
     ``svd_tol=1e-8`` instead of 0.01 for the whitened cross-covariance; the
     oracle's ``Σ_zz`` is inverted exactly (tolerance below its smallest possible
     eigenvalue, ``1 / (2 (L − 1) n)``). Languages are coded one-hot without the
@@ -170,6 +173,7 @@ class LanguageEraser(LanguageTransformerMixin):
         # the fitter (torch tensors, maybe on a GPU) is rebuilt from public arrays
         state = super().__getstate__()
         state.pop("_fitter", None)
+        state.pop("_fitter_shift", None)
         return state
 
     @_fit_context(prefer_skip_nested_validation=True)
@@ -224,10 +228,16 @@ class LanguageEraser(LanguageTransformerMixin):
         fdev = fitter.mean_x.device
         T = nx.to_torch(X, fdev)
         check_finite_rows(T)  # before the fitter is touched: a bad batch changes nothing
+        if self._fitter_shift is None:  # a fresh fitter: the first row is the reference
+            self._fitter_shift = T[0].to(torch.float64, copy=True)
+        shift = self._fitter_shift
         g = torch.from_numpy(np.ascontiguousarray(gcodes, dtype=np.int64)).to(fdev)
         with torch.no_grad():
             for sl in row_blocks(T.shape[0]):
-                fitter.update(T[sl], _dummy_codes(g[sl], n_lang))
+                # rows shifted by the reference row (float64): the fitter's Welford
+                # update then sees values of the spread's size, not of the mean's
+                # (float32 − float64 promotes: one pass, exact in float64)
+                fitter.update(T[sl] - shift, _dummy_codes(g[sl], n_lang))
         counts = np.bincount(gcodes, minlength=n_lang).astype(np.int64)
         self.languages_ = langs
         self.counts_ = counts if first else self.counts_ + counts
@@ -329,7 +339,14 @@ class LanguageEraser(LanguageTransformerMixin):
         return self
 
     def _get_fitter(self, ce: Any, d: int, dev: torch.device, n_lang: int) -> Any:
-        """The streaming fitter: existing, new, or rebuilt from the public state."""
+        """The streaming fitter: existing, new, or rebuilt from the public state.
+
+        The fitter sees rows minus a float64 reference row, ``_fitter_shift``
+        (Chan, Golub & LeVeque's shifted data): the first row of a fresh fit (set by
+        the first batch; None until then), or ``global_mean_`` when the fitter is
+        rebuilt (its shifted mean is then exactly 0). Its ``mean_x`` is therefore
+        ``global_mean_ − shift``; every other moment is shift-invariant.
+        """
         if hasattr(self, "_fitter"):
             return self._fitter
         k = max(n_lang - 1, 1)
@@ -352,7 +369,7 @@ class LanguageEraser(LanguageTransformerMixin):
                 return torch.tensor(a, dtype=torch.float64, device=dev)
 
             f.n = torch.tensor(n, device=dev)
-            f.mean_x = put(self.global_mean_)
+            f.mean_x = torch.zeros(d, dtype=torch.float64, device=dev)
             f.mean_z = put(mz)
             f.sigma_xz_ = put(xz)
             if self.oracle:
@@ -361,6 +378,9 @@ class LanguageEraser(LanguageTransformerMixin):
                 f.sigma_zz_ = put(zz)
             else:
                 f.sigma_xx_ = put(self.covariance_ * n)
+            self._fitter_shift = put(self.global_mean_)
+        else:
+            self._fitter_shift = None
         self._fitter = f
         return f
 
@@ -368,8 +388,9 @@ class LanguageEraser(LanguageTransformerMixin):
         f = self._fitter
         n_lang = len(self.languages_)
         n = int(f.n)
-        # copies: on the CPU .numpy() would share memory with tensors updated in place
-        mean = f.mean_x.cpu().numpy().copy()
+        # copies: on the CPU .numpy() would share memory with tensors updated in place;
+        # the fitter's mean is about the reference row
+        mean = (f.mean_x + self._fitter_shift).cpu().numpy()
         xz = f.sigma_xz_.cpu().numpy()[:, : n_lang - 1].copy()
         means = np.empty((n_lang, mean.shape[0]))
         c = self.counts_.astype(np.float64)

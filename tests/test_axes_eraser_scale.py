@@ -1,0 +1,222 @@
+"""Scale and offset robustness of LanguageEraser / LanguageAxes; LanguageAxes streaming.
+
+* LanguageEraser's numpy/torch fit shifts rows by a reference row, so a large
+  common offset costs no precision (it equals an independent two-pass LEACE).
+* LanguageAxes is scale-invariant at any scale the input dtype holds (float32
+  scatters rescaled when their products over- or underflow; the eigenproblems
+  and scores solved on rescaled scatters).
+* LanguageAxes.partial_fit accepts a first batch too small for the axes and
+  equals ``fit`` once the stream suffices.
+"""
+
+import pickle
+
+import numpy as np
+import pytest
+import torch
+from sklearn.exceptions import NotFittedError
+
+import posthoc_align
+from posthoc_align._covariance import ScatterMoments
+from posthoc_align.axes import LanguageAxes
+from posthoc_align.erasure import LanguageEraser
+
+LANGS = np.array(["en", "fr", "de"])
+
+
+def _leace(X, L):
+    """Independent two-pass LEACE (Belrose et al. 2023, Thm 3.1), one-hot language."""
+    langs = np.unique(L)
+    Z = (L[:, None] == langs[None, :]).astype(float)
+    Xc = X - X.mean(0)
+    Sxx = Xc.T @ Xc / len(X)
+    Sxz = Xc.T @ (Z - Z.mean(0)) / len(X)
+    w, V = np.linalg.eigh(Sxx)
+    W, Wp = V @ np.diag(w**-0.5) @ V.T, V @ np.diag(w**0.5) @ V.T
+    U, s, _ = np.linalg.svd(W @ Sxz, full_matrices=False)
+    U = U[:, s > 1e-10 * s.max()]
+    return X - (Wp @ U @ U.T @ W @ Xc.T).T
+
+
+def _offset_data(offset, n=600, d=16):
+    rng = np.random.default_rng(0)
+    L = rng.choice(LANGS, n)
+    X = rng.normal(size=(n, d)) + (L[:, None] == LANGS) @ rng.normal(size=(3, d)) * 3
+    return X + offset, L
+
+
+# -- 1. LanguageEraser under a large common offset ------------------------------------
+@pytest.mark.parametrize("offset", [1e3, 1e5])
+def test_eraser_fit_is_exact_under_a_large_common_offset(offset):
+    X, L = _offset_data(offset)
+    est = LanguageEraser(device="cpu").fit(X, languages=L)
+    # the rows themselves are rounded to ~1e-16 * offset; old code (the fitter fed raw
+    # rows) was off by 5e-10 at 1e3 and 4.6e-6 at 1e5
+    tol = 1e-14 * offset
+    np.testing.assert_allclose(est.transform(X), _leace(X, L), rtol=0, atol=tol)
+    Xc = X - X.mean(0)
+    np.testing.assert_allclose(est.covariance_, Xc.T @ Xc / len(X), rtol=0, atol=tol)
+    np.testing.assert_allclose(est.global_mean_, X.mean(0), rtol=1e-14, atol=0)
+
+
+def test_eraser_stream_with_offset_survives_pickle_and_input_mutation():
+    X, L = _offset_data(1e5)
+    ref = _leace(X, L)
+    Xa = X[:250].copy()
+    est = LanguageEraser(device="cpu").partial_fit(Xa, languages=L[:250])
+    Xa[:] = 0.0  # the reference row is the estimator's own copy, not a view of X
+    est.partial_fit(X[250:400], languages=L[250:400])
+    again = pickle.loads(pickle.dumps(est))  # fitter rebuilt about global_mean_
+    assert not hasattr(again, "_fitter_shift")
+    again.partial_fit(X[400:], languages=L[400:])
+    np.testing.assert_allclose(again.transform(X), ref, rtol=0, atol=1e-9)
+    est.partial_fit(X[400:], languages=L[400:])
+    np.testing.assert_allclose(est.transform(X), ref, rtol=0, atol=1e-9)
+
+
+def test_eraser_oracle_means_under_a_large_common_offset():
+    X, L = _offset_data(1e5)
+    est = LanguageEraser(oracle=True, device="cpu").fit(X, languages=L)
+    means = np.stack([X[L == lab].mean(0) for lab in est.languages_])
+    np.testing.assert_allclose(est.means_, means, rtol=1e-14, atol=0)
+    Z = est.transform(X, languages=L)
+    for lab in LANGS:
+        np.testing.assert_allclose(Z[L == lab].mean(0), X.mean(0), rtol=1e-13, atol=0)
+
+
+# -- 2. LanguageAxes at extreme scales -------------------------------------------------
+def _axes_data():
+    rng = np.random.default_rng(0)
+    X = np.vstack([rng.normal(size=(12, 5)) + rng.normal(size=5) * 3 for _ in range(3)])
+    return X, np.repeat(["en", "fr", "de"], 12)
+
+
+SCALES = [
+    (np.float32, 1e-30),  # old: LinAlgError
+    (np.float32, 1e-25),  # old: "within-language scatter is zero"
+    (np.float32, 1e-22),  # old: silently different axes (0.066)
+    (np.float32, 1e19),  # old: "array must not contain infs or NaNs"
+    (np.float32, 1e30),
+    (np.float64, 1e-150),  # old keep_neutral: scores all NaN, different output
+    (np.float64, 1e-100),
+    (np.float64, 1e150),
+]
+
+
+@pytest.mark.parametrize("mode", ["remove_sensitive", "keep_neutral"])
+@pytest.mark.parametrize(("dtype", "scale"), SCALES)
+def test_axes_are_scale_invariant(dtype, scale, mode):
+    X, L = _axes_data()
+    ref = LanguageAxes(mode=mode, device="cpu").fit(X, languages=L)
+    Xs = (X * scale).astype(dtype)
+    est = LanguageAxes(mode=mode, device="cpu").fit(Xs, languages=L)
+    tol = 1e-4 if dtype is np.float32 else 1e-10
+    Z = est.transform(Xs)
+    assert Z.dtype == dtype
+    np.testing.assert_allclose(Z.astype(float) / scale, ref.transform(X), rtol=0, atol=tol)
+    np.testing.assert_allclose(est.sensitive_scores_, ref.sensitive_scores_, rtol=tol)
+    np.testing.assert_allclose(
+        np.abs(est.sensitive_axes_ @ ref.sensitive_axes_.T).diagonal(), 1.0, atol=tol
+    )
+    assert np.isfinite(est.neutral_scores_).all()
+    np.testing.assert_allclose(est.neutral_scores_, ref.neutral_scores_, rtol=tol, atol=tol)
+    np.testing.assert_allclose(
+        np.abs(est.neutral_axes_ @ ref.neutral_axes_.T).diagonal(), 1.0, atol=tol
+    )
+
+
+@pytest.mark.parametrize("scale", [1e-30, 1e-22, 1e19, 1e30])
+def test_scatter_moments_float32_at_extreme_scales(scale):
+    X, L = _axes_data()
+    labels, codes = np.unique(L, return_inverse=True)
+    ref = ScatterMoments().update(torch.from_numpy(X), labels, codes)
+    T = torch.from_numpy((X * scale).astype(np.float32))
+    got = ScatterMoments().update(T, labels, codes)
+    Xr = (X * scale).astype(np.float32).astype(float) / scale  # what float32 can hold
+    ref = ScatterMoments().update(torch.from_numpy(Xr), labels, codes)
+    np.testing.assert_allclose(got.within() / scale**2, ref.within(), rtol=1e-5, atol=1e-5)
+    np.testing.assert_allclose(got.scatters() / scale**2, ref.scatters(), rtol=1e-5, atol=1e-5)
+
+
+def test_scatter_moments_one_row_blocks_stay_on_the_fast_path(monkeypatch):
+    # one row per language in a batch is exactly its own block mean: no rescaled redo
+    from posthoc_align import _covariance
+
+    calls = []
+    real = _covariance._scaled_gram
+    monkeypatch.setattr(_covariance, "_scaled_gram", lambda Y: calls.append(1) or real(Y))
+    X, L = _axes_data()
+    labels, codes = np.unique(L, return_inverse=True)
+    s = ScatterMoments().update(torch.from_numpy(X.astype(np.float32)), labels, codes)
+    s.update(torch.from_numpy(X[:1].astype(np.float32)), labels, codes[:1])
+    assert calls == []
+
+
+# -- 3. LanguageAxes.partial_fit over a small first batch ---------------------------
+def _two_languages():
+    rng = np.random.default_rng(0)
+    X = np.vstack([rng.normal(size=(10, 3)) + 4 * i for i in range(2)])
+    return X, np.repeat(["en", "fr"], 10)
+
+
+@pytest.mark.parametrize("mode", ["remove_sensitive", "keep_neutral"])
+def test_axes_partial_fit_accepts_one_row_per_language_first(mode):
+    X, L = _two_languages()
+    first = [0, 10]
+    rest = [i for i in range(20) if i not in first]
+    ref = LanguageAxes(mode=mode).fit(X, languages=L)
+    est = LanguageAxes(mode=mode).partial_fit(X[first], languages=L[first])
+    with pytest.raises(NotFittedError, match=r"no axes yet.*2 row\(s\) for 2 languages"):
+        est.transform(X)
+    with pytest.raises(NotFittedError, match="no axes yet"):
+        est.get_feature_names_out()
+    est.partial_fit(X[rest], languages=L[rest])
+    np.testing.assert_allclose(est.transform(X), ref.transform(X), atol=1e-10)
+    np.testing.assert_allclose(est.sensitive_axes_, ref.sensitive_axes_, atol=1e-10)
+    np.testing.assert_allclose(est.neutral_scores_, ref.neutral_scores_, rtol=1e-8, atol=1e-12)
+
+
+def test_axes_partial_fit_waits_out_a_zero_scatter_then_saves_and_resumes(tmp_path):
+    X, L = _two_languages()
+    dup = [0, 0, 10, 10]  # more rows than languages, but every language's rows identical
+    est = LanguageAxes().partial_fit(X[dup], languages=L[dup])
+    with pytest.raises(NotFittedError, match="within-language scatter is zero"):
+        est.transform(X)
+    est.save(tmp_path / "pending")
+    again = posthoc_align.load(tmp_path / "pending")
+    with pytest.raises(NotFittedError, match="within-language scatter is zero"):
+        again.transform(X)
+    again.partial_fit(X, languages=L)
+    ref = LanguageAxes().fit(np.vstack([X[dup], X]), languages=np.r_[L[dup], L])
+    np.testing.assert_allclose(again.transform(X), ref.transform(X), atol=1e-10)
+
+
+def test_axes_partial_fit_dask_small_first_batch():
+    da = pytest.importorskip("dask.array")
+    import dask
+
+    X, L = _two_languages()
+    first = [0, 10]
+    rest = [i for i in range(20) if i not in first]
+    ref = LanguageAxes().fit(X, languages=L)
+    with dask.config.set(scheduler="synchronous"):
+        est = LanguageAxes().partial_fit(
+            da.from_array(X[first], chunks=(1, -1)), languages=L[first]
+        )
+        with pytest.raises(NotFittedError, match="no axes yet"):
+            est.transform(X)
+        est.partial_fit(da.from_array(X[rest], chunks=(6, -1)), languages=L[rest])
+    np.testing.assert_allclose(est.transform(X), ref.transform(X), atol=1e-10)
+
+
+def test_axes_fit_still_refuses_too_few_rows_and_stays_unfitted():
+    X, L = _two_languages()
+    est = LanguageAxes()
+    with pytest.raises(ValueError, match="more rows than languages"):
+        est.fit(X[[0, 10]], languages=L[[0, 10]])
+    assert not hasattr(est, "_scatter") and not hasattr(est, "n_features_in_")
+    with pytest.raises(NotFittedError):
+        est.transform(X)
+    with pytest.raises(ValueError, match="within-language scatter is zero"):
+        est.fit(X[[0, 0, 10, 10]], languages=L[[0, 0, 10, 10]])
+    assert not hasattr(est, "_scatter")
