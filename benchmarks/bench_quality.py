@@ -366,8 +366,7 @@ def plot_curves(rows: list[dict[str, Any]], metric: str, path: Path) -> None:
     colours = [tab10(i) for i in range(10)] + ["black", "darkgoldenrod"]
     for i, line in enumerate(ax.get_lines()):
         line.set_color(colours[i % len(colours)])
-        if line.get_label().endswith(DAGGER):
-            line.set_linestyle("--")
+        line.set_linestyle("--" if line.get_label().endswith(DAGGER) else "-")
     ax.set_ylabel(f"P@1 ({label}), mean of 6 pairs")
     ax.set_ylim(0, 1.02)
     ax.legend(

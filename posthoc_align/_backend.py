@@ -40,6 +40,7 @@ __all__ = [
     "compute_dtype",
     "block_rows",
     "DEVICE_CONSTRAINT",
+    "HALF_DTYPES",
 ]
 
 #: scikit-learn parameter constraint for ``device=`` parameters.
@@ -88,10 +89,20 @@ class Backend:
         return T
 
     def from_torch(self, T: torch.Tensor, like: Any) -> Any:
-        """Return ``T`` as the caller's array type (device of ``like`` for torch)."""
+        """Return ``T`` as the caller's array type (device of ``like`` for torch).
+
+        A half-precision ``like`` (float16, or bfloat16 for tensors) was computed in a
+        wider dtype: the result is cast back to it, so half precision in gives half
+        precision out (as scikit-learn's ``StandardScaler`` keeps float16). float32 and
+        float64 results are returned without a copy.
+        """
         if self.name == "torch":
-            return T.to(like.device) if T.device != like.device else T
-        return T.detach().cpu().numpy()
+            T = T.to(like.device) if T.device != like.device else T
+            return _to_half(T, like.dtype) if like.dtype in HALF_DTYPES else T
+        T = T.detach()
+        if getattr(like, "dtype", None) == np.float16:
+            T = _to_half(T, torch.float16)
+        return T.cpu().numpy()
 
     def asnumpy(self, X: Any) -> np.ndarray:
         """A host numpy view or copy of ``X``."""
@@ -104,6 +115,28 @@ class Backend:
 
 
 _BACKENDS = {"numpy": Backend("numpy"), "torch": Backend("torch")}
+
+#: Half-precision tensor dtypes: computed in a wider dtype (see :func:`compute_dtype`),
+#: the output cast back to them.
+HALF_DTYPES = (torch.float16, torch.bfloat16)
+
+
+def _to_half(T: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+    """``T`` cast to the half-precision ``dtype``; an error if a value overflows it."""
+    if T.dtype == dtype:
+        return T
+    H = T.to(dtype)
+    # the result was finite (the kernels check it): only the narrowing can overflow
+    if not bool(torch.isfinite(H).all()):
+        name = str(dtype).removeprefix("torch.")
+        big = float(T.abs().max())
+        raise ValueError(
+            f"The output (largest |value| {big:.3g}) overflows {name}, the dtype of the "
+            f"input it is returned in (largest finite {torch.finfo(dtype).max:.3g}). Pass "
+            "float32 input instead (X.float() for a tensor, X.astype(np.float32) for an "
+            "array); the result is then returned in float32."
+        )
+    return H
 
 
 def backend_for(*arrays: Any) -> Backend:
@@ -176,8 +209,8 @@ def block_rows(rows: int, device: torch.device) -> int:
 
 
 def output_numpy_dtype(dtype: np.dtype) -> np.dtype:
-    """Output dtype for numpy input: float32/float64 kept, others become float64."""
+    """Output dtype for numpy input: float16/32/64 kept, others become float64."""
     dtype = np.dtype(dtype)
-    if dtype in (np.float32, np.float64):
+    if dtype in (np.float16, np.float32, np.float64):
         return dtype
     return np.dtype(np.float64)

@@ -106,7 +106,18 @@ class LanguageTransformerMixin(OneToOneFeatureMixin, TransformerMixin, BaseEstim
                 self._reset()
             raise
         if pairs is not None:
-            pairs.update(T, labels, codes, pids, self._moments, _prepared=prepared)
+            try:
+                pairs.update(T, labels, codes, pids, self._moments, _prepared=prepared)
+            except Exception as exc:
+                # rare: products out of float64's range, found while pairing (after the
+                # moments took the batch); nothing half-updated is kept
+                self._reset()
+                if first or not isinstance(exc, ValueError):
+                    raise
+                raise ValueError(
+                    f"{exc} This partial_fit stream was reset (its statistics had already "
+                    "taken part of the batch): start it again with the rescaled data."
+                ) from exc
         self._finalize(dev)
         return self
 
@@ -131,6 +142,7 @@ class LanguageTransformerMixin(OneToOneFeatureMixin, TransformerMixin, BaseEstim
         "_fitter",
         "_rows",
         "_few_pairs_warned",
+        "_small_warned",
     )
 
     def _reset(self) -> None:
@@ -162,7 +174,7 @@ class LanguageTransformerMixin(OneToOneFeatureMixin, TransformerMixin, BaseEstim
 
     # -- helpers for subclasses ------------------------------------------------
     def _validate(self, X: Any, *, reset: bool) -> tuple[Backend, Any, torch.device]:
-        nx, Xc = check_X(X, estimator=self)
+        nx, Xc = check_X(X, estimator=self, keep_float16=True)
         validate_data(self, X, reset=reset, skip_check_array=True)
         return nx, Xc, resolve_device(getattr(self, "device", "auto"), nx, Xc)
 

@@ -57,11 +57,28 @@ def is_dask(x: Any) -> bool:
     return type(x).__module__.split(".")[0] == "dask"
 
 
-def check_dask_X(X: Any, *, ndim: int = 2, name: str = "X") -> Any:
+def check_dask_X(X: Any, *, ndim: int = 2, name: str = "X", required_by: str | None = None) -> Any:
     """Validate a dask data array: ``ndim``, known row chunks, a real numeric dtype.
 
-    Returns ``X`` with one chunk along every axis but the first (rows); dtypes
-    other than float32/float64 are cast lazily to float64 (as for numpy input).
+    Parameters
+    ----------
+    X : dask array
+        The data.
+    ndim : int, default=2
+        The number of dimensions ``X`` must have.
+    name : str, default="X"
+        How ``X`` is called in error messages.
+    required_by : str or None, default=None
+        The name of the estimator that needs at least one row of ``X`` (as
+        scikit-learn's ``ensure_min_samples=1`` for numpy input): a 0-row ``X``
+        is then a ValueError, raised before anything is computed. ``None``
+        accepts 0 rows.
+
+    Returns
+    -------
+    X : dask array
+        ``X`` with one chunk along every axis but the first (rows); dtypes
+        other than float32/float64 are cast lazily to float64 (as for numpy input).
     """
     if X.ndim != ndim:
         shape = "(n_rows, n_features)" if ndim == 2 else "(n_rows, n_layers, n_features)"
@@ -69,6 +86,11 @@ def check_dask_X(X: Any, *, ndim: int = 2, name: str = "X") -> Any:
     if any(np.isnan(c) for c in X.chunks[0]):
         raise ValueError(
             f"dask array {name} has unknown chunk sizes; call {name}.compute_chunk_sizes() first"
+        )
+    if required_by is not None and X.shape[0] == 0:  # the wording of numpy input's error
+        raise ValueError(
+            f"Found array with 0 sample(s) (shape={tuple(X.shape)}) while a minimum of 1 is "
+            f"required by {required_by}. The dask array {name} has no rows; pass at least one."
         )
     kind = np.dtype(X.dtype).kind
     if kind not in "fiub":
@@ -110,10 +132,11 @@ def labels_numpy(values: Any, X: Any, name: str) -> Any:
 def begin_fit(est: Any, X: Any, *, first: bool) -> Any:
     """Validate a dask ``X`` for ``est.fit``/``partial_fit`` and set ``n_features_in_``.
 
-    Returns the validated array (see :func:`check_dask_X`); a later batch with a
-    different number of columns is a ValueError (scikit-learn's wording).
+    Returns the validated array (see :func:`check_dask_X`); a 0-row array, or a
+    later batch with a different number of columns, is a ValueError (scikit-learn's
+    wording), raised before anything is computed.
     """
-    X = check_dask_X(X)
+    X = check_dask_X(X, required_by=type(est).__name__)
     d = int(X.shape[1])
     if first:
         est.n_features_in_ = d
@@ -328,7 +351,7 @@ def _partial_fit_dask(est, X, languages, pair_ids):
 
     from ._validation import check_pair_ids
 
-    X = check_dask_X(X)
+    X = check_dask_X(X, required_by=type(est).__name__)
     dev = host_device(est)  # the closed form's device (a clear error for a missing GPU)
     languages = labels_numpy(languages, X, "languages")
     pair_ids = labels_numpy(pair_ids, X, "pair_ids")
@@ -447,9 +470,12 @@ def _check_unique_pairs(labels, codes, pids):
         )
 
 
-def _transform_block(block, est, langs, block_info=None):
+def _transform_block(block, est, langs, out_tail=None, out_dtype=None, block_info=None):
     from .per_layer import _accepted
 
+    if block.shape[0] == 0:  # an empty row chunk (e.g. after boolean indexing): nothing to do
+        tail = block.shape[1:] if out_tail is None else out_tail
+        return np.empty((0, *tail), dtype=block.dtype if out_dtype is None else out_dtype)
     loc = block_info[0]["array-location"][0] if block_info else (0, block.shape[0])
     kw = {} if langs is None else {"languages": langs[loc[0] : loc[1]]}
     try:
@@ -467,7 +493,9 @@ def transform_dask(est, X, languages, n_features_out: int | None = None):
     """
     from ._validation import _to_1d_numpy
 
-    X = check_dask_X(X, ndim=X.ndim)
+    # 0 rows in all is an error, as for numpy input; empty row chunks of a non-empty
+    # array are fine (their blocks are transformed to empty blocks)
+    X = check_dask_X(X, ndim=X.ndim, required_by=type(est).__name__)
     languages = labels_numpy(languages, X, "languages")
     langs = None if languages is None else _to_1d_numpy(languages, "languages", X.shape[0])
     # what can be checked without computing anything is checked now, not at .compute()
@@ -490,10 +518,19 @@ def transform_dask(est, X, languages, n_features_out: int | None = None):
         est = _with_call_statistics(est, X, langs, languages is None)
     dtype = X.dtype if X.dtype in (np.float32, np.float64) else np.float64
     kw = {}
+    tail = tuple(int(c) for c in X.shape[1:])
     if n_features_out is not None and n_features_out != X.shape[-1]:
         kw["chunks"] = (X.chunks[0], (int(n_features_out),))
+        tail = (*tail[:-1], int(n_features_out))
     return X.map_blocks(
-        _transform_block, est, langs, dtype=dtype, meta=np.empty((0,) * X.ndim, dtype=dtype), **kw
+        _transform_block,
+        est,
+        langs,
+        out_tail=tail,
+        out_dtype=np.dtype(dtype),
+        dtype=dtype,
+        meta=np.empty((0,) * X.ndim, dtype=dtype),
+        **kw,
     )
 
 
@@ -509,7 +546,7 @@ def _with_call_statistics(est: Any, X: Any, langs: np.ndarray | None, no_labels:
 
     from ._validation import ALL_ROWS, check_languages
     from .centering import LanguageMeanCentering
-    from .standardization import LanguageStandardizer, _warn_small
+    from .standardization import LanguageStandardizer, _small_languages, _warn_small
 
     batch_std = isinstance(est, LanguageStandardizer) and est.mode == "batch"
     batch_centre = isinstance(est, LanguageMeanCentering) and est.unknown_language == "batch"
@@ -541,9 +578,13 @@ def _with_call_statistics(est: Any, X: Any, langs: np.ndarray | None, no_labels:
     (m,) = dask.compute(moments_tree(X, codes, lab_list, shift, batch_std))
     frozen = copy.copy(est)
     if batch_std:
-        _warn_small(lab_list, m.counts, "in this call")
+        small = _small_languages(lab_list, m.counts)
+        # stacklevel: the user's transform call (through transform_dask, sklearn's wrapper)
+        _warn_small(small, "in this call", stacklevel=6)
         frozen.mode = "fitted"
         frozen.languages_ = labels  # in the order of the moments (not sorted)
+        frozen.counts_ = m.counts.astype(np.int64)
+        frozen._small_warned = small  # warned above, once: not again for every block
         frozen.means_, frozen.vars_ = m.means(), m.variances()
         return frozen
     means = m.means()

@@ -38,6 +38,7 @@ No method logic lives here: closed forms are in the file named after the method.
 
 from __future__ import annotations
 
+import math
 import warnings
 from collections.abc import Hashable, Iterator
 from typing import Any
@@ -57,6 +58,17 @@ BLOCK_ROWS = 4096
 #: Rows per block of the segmented sums (a block of 2048 float32 rows of 768 stays in
 #: cache across the shift, the sums and the squares; 4096 was ~1.5x slower).
 SUM_BLOCK = 2048
+
+
+#: A float32 pair cross-product (one language's pairs in one batch) whose largest
+#: ``|entry|`` is below this is formed again in float64 (:meth:`PairMoments._accumulate`): below it, the rounding
+#: of subnormal products (2⁻¹⁵⁰ each) is no longer negligible against float32's
+#: relative precision for up to ~2²⁵ pairs, and all-underflowed products give 0.
+TINY_CROSS = 2.0**-100
+
+#: The float64 counterpart of :data:`TINY_CROSS` (2⁻¹⁰²² / 2⁻⁵³): below it, products
+#: of float64 rows are subnormal; such rows cannot be paired (a clear error).
+TINY_CROSS64 = 2.0**-969
 
 
 #: Rows grouped by language in runs at least this long (on average) take the
@@ -718,6 +730,19 @@ def _has_repeats(key: np.ndarray, n_keys: int) -> bool:
     return np.unique(key).size < key.size
 
 
+def _products_underflow(blocks: Iterator[tuple[torch.Tensor, torch.Tensor, Any]]) -> bool:
+    """Whether the largest ``|a|·|b|`` of the blocks' rows is positive but below
+    :data:`TINY_CROSS64` (products lost to float64's subnormals, not a zero or
+    cancelling cross-product). One more pass over the pairs: rare path only."""
+    amax = bmax = 0.0
+    for a, b, _ in blocks:
+        amax = max(amax, float(torch.linalg.vector_norm(a, float("inf"))))
+        bmax = max(bmax, float(torch.linalg.vector_norm(b, float("inf"))))
+    if amax == 0.0 or bmax == 0.0:
+        return False
+    return math.log2(amax) + math.log2(bmax) < math.log2(TINY_CROSS64)
+
+
 def _plain(value: Any) -> Any:
     """A numpy scalar as the Python value (``5``, not ``np.int64(5)``, in messages)."""
     return value.item() if isinstance(value, np.generic) else value
@@ -741,7 +766,11 @@ class PairMoments:
     multiplied in the input precision on rows centred near their language's mean
     and added into float64 accumulators; the shift to the reference rows is a
     float64 correction, so float32 rounding is relative to the rows' spread, not to
-    the languages' offsets, whatever the chunking of the stream.
+    the languages' offsets, whatever the chunking of the stream.  float32 rows whose
+    products overflow (|x| ≳ 1e19) or fall into subnormals (|x| ≲ 1e-19) are paired
+    again in float64 (a d×d check decides; normal scales never pay for it); float64
+    rows beyond float64's range of products (≳ 1e154, ≲ 1e-146) raise a
+    ``ValueError`` asking for a rescale (the orthogonal maps are scale-free).
     """
 
     def __init__(self, pivot: Hashable):
@@ -776,6 +805,7 @@ class PairMoments:
         shift_a: np.ndarray,
         shift_b: np.ndarray,
         work: dict,
+        cdt: torch.dtype | None = None,
     ) -> None:
         """Add pairs: rows ``idx_a`` of ``src_a`` with the pivot rows at ``pos_b``.
 
@@ -794,9 +824,19 @@ class PairMoments:
         partner, as in a parallel corpus) a block is a view of the store, and its
         sums are shared by all languages; only the ``a`` rows are gathered.  ``work``
         (one per :meth:`update`) keeps those sums and the block buffers.
+
+        Scale: float32 products overflow for rows of magnitude ~1e19 and fall into
+        subnormals (digits lost, down to 0) below ~1e-19, while the orthogonal map is
+        scale-free.  One check on the d×d result (not on the rows) catches both: if
+        its largest ``|entry|`` is inf/NaN or below :data:`TINY_CROSS`, or a row sum
+        is not finite, the pairs of this call are formed again in float64 (``cdt``),
+        where the products of any float32 values are in range.  Normal-scale data
+        never take that path.  float64 rows whose products overflow (≳1e154) or
+        underflow (≲1e-146) cannot be accumulated in float64: a ``ValueError`` names
+        the fix (rescale ``X``).
         """
         piv = self._pivot_rows
-        cdt = compute_dtype(src_a.dtype)
+        cdt = compute_dtype(src_a.dtype) if cdt is None else cdt
         order = np.argsort(pos_b, kind="stable")
         idx_a, pos_b = idx_a[order], pos_b[order]
         if stored_a:
@@ -819,28 +859,70 @@ class PairMoments:
         S = torch.zeros((d, d), dtype=torch.float64, device=dev)
         sa = torch.zeros(d, dtype=torch.float64, device=dev)
         sb = torch.zeros(d, dtype=torch.float64, device=dev)
-        for sl in row_blocks(n, step):
-            a = _gather_rows(src_a, idx_a[sl], abuf)
-            if sub is not None:
-                a.sub_(sub)
-            p = pos_b[sl]
-            m, lo = len(p), int(p[0])
-            if int(p[-1]) - lo == m - 1:  # sorted distinct positions: consecutive rows
-                b = piv.rows[lo : lo + m]
-                if b.dtype != cdt or b.device != dev:
-                    b = buffer("b", (step, d))[:m].copy_(b)
-                key = ("sum", lo, m, cdt)
-                rb = work.get(key)
-                if rb is None:
-                    rb = work[key] = b.sum(0).to(torch.float64)
-            else:
-                b = _gather_rows(piv.rows, p, buffer("b", (step, d)))
-                rb = b.sum(0).to(torch.float64)
+
+        def blocks() -> Iterator[tuple[torch.Tensor, torch.Tensor, torch.Tensor]]:
+            """``(a − c_a, b − c_b, Σ(b − c_b))`` per block of pairs, in ``cdt``."""
+            for sl in row_blocks(n, step):
+                a = _gather_rows(src_a, idx_a[sl], abuf)
+                if sub is not None:
+                    a.sub_(sub)
+                p = pos_b[sl]
+                m, lo = len(p), int(p[0])
+                if int(p[-1]) - lo == m - 1:  # sorted distinct positions: consecutive rows
+                    b = piv.rows[lo : lo + m]
+                    if b.dtype != cdt or b.device != dev:
+                        b = buffer("b", (step, d))[:m].copy_(b)
+                    key = ("sum", lo, m, cdt)
+                    rb = work.get(key)
+                    if rb is None:
+                        rb = work[key] = b.sum(0).to(torch.float64)
+                else:
+                    b = _gather_rows(piv.rows, p, buffer("b", (step, d)))
+                    rb = b.sum(0).to(torch.float64)
+                yield a, b, rb
+
+        for a, b, rb in blocks():
             # block products and sums in the block's precision (torch's
             # float64-accumulating sum of float32 is ~50x slower), added in float64
             S += torch.mm(a.T, b, out=Sb)
             sa += a.sum(0).to(torch.float64)
             sb += rb
+        # d×d and d-vector checks: did the products overflow, or stay so small that
+        # subnormal rounding took their digits?
+        lo, hi = torch.aminmax(S)  # NaN propagates
+        big = max(-float(lo), float(hi))
+        finite = math.isfinite(big) and bool(torch.isfinite(sa).all() & torch.isfinite(sb).all())
+        if cdt != torch.float64 and not (finite and big >= TINY_CROSS):
+            # float32 rows: in float64 all their products are in range (rare path)
+            self._accumulate(
+                lab,
+                dev,
+                src_a,
+                idx_a,
+                centre_a,
+                stored_a,
+                pos_b,
+                shift_a,
+                shift_b,
+                work,
+                cdt=torch.float64,
+            )
+            return
+        if not finite:
+            raise ValueError(
+                f"the products of the rows of language {lab!r} with their pivot partners "
+                "overflowed float64 (rows of magnitude ~1e154 or more). The orthogonal map "
+                "does not depend on the scale of the data: divide X by a constant (e.g. its "
+                "largest |value|) before fitting."
+            )
+        if big < TINY_CROSS64 and _products_underflow(blocks()):
+            raise ValueError(
+                f"the products of the rows of language {lab!r} with their pivot partners "
+                "underflow float64 (rows of magnitude ~1e-146 or less: their digits are lost "
+                "to subnormal numbers). The orthogonal map does not depend on the scale of "
+                "the data: multiply X by a constant (e.g. 1 / its largest |value|) before "
+                "fitting."
+            )
         da = torch.from_numpy(ca - shift_a).to(dev)
         db = torch.from_numpy(piv.centre - shift_b).to(dev)
         S += torch.outer(da, sb + n * db) + torch.outer(sa, db)

@@ -17,12 +17,23 @@ from ._backend import Backend, backend_for
 
 __all__ = [
     "ALL_ROWS",
+    "NonNumericDataError",
     "check_X",
     "check_labels",
     "check_languages",
     "check_pair_ids",
     "raise_non_finite",
 ]
+
+
+class NonNumericDataError(ValueError, TypeError):
+    """``X`` holds values that are not numbers (strings, arbitrary objects).
+
+    A ValueError (as every input error of the package) and a TypeError (what
+    scikit-learn's ``check_array`` raises for objects such as dicts, and what its
+    estimator checks expect), so handlers written for either keep working.
+    """
+
 
 #: Language label given to every row when ``languages`` is omitted.
 ALL_ROWS = "__all__"
@@ -54,6 +65,7 @@ def check_X(
     name: str = "X",
     estimator: Any = None,
     min_rows: int = 1,
+    keep_float16: bool = False,
 ) -> tuple[Backend, Any]:
     """Validate a data array and return ``(backend, X)``.
 
@@ -63,6 +75,11 @@ def check_X(
     torch tensors stay tensors on their device.  Finiteness is checked later, in
     the same pass that computes statistics (see :func:`raise_non_finite`), so
     validation costs no extra pass over the data.
+
+    With ``keep_float16`` (the estimators) a float16 array is returned as is too:
+    it is computed in a wider dtype and the output cast back to float16 (see
+    :meth:`~posthoc_align._backend.Backend.from_torch`), as scikit-learn's
+    ``StandardScaler`` keeps float16.  Otherwise it becomes float64.
     """
     if isinstance(X, torch.Tensor):
         if X.ndim != ndim:
@@ -106,19 +123,26 @@ def check_X(
     try:
         X = _sk_check_array(
             X,
-            dtype=[np.float64, np.float32],
+            dtype=[np.float64, np.float32, np.float16]
+            if keep_float16
+            else [np.float64, np.float32],
             ensure_all_finite=False,
             allow_nd=ndim > 2,
             ensure_min_samples=min_rows,
             estimator=estimator,
             input_name=name,
         )
-    except ValueError as exc:
-        if "could not convert" in str(exc):
-            raise ValueError(
-                f"{name} holds non-numeric values ({exc}); pass a numeric array of shape "
-                "(n_rows, n_features)."
+    except (ValueError, TypeError) as exc:
+        # "could not convert string to float" (ValueError) or, for arbitrary objects,
+        # "float() argument must be a string or a real number" (TypeError); other
+        # TypeErrors (e.g. sparse input) are scikit-learn's own and kept
+        if "could not convert" in str(exc) or "argument must be" in str(exc):
+            shape = "(n_rows, n_features)" if ndim == 2 else "(n_rows, n_layers, n_features)"
+            raise NonNumericDataError(
+                f"{name} holds non-numeric values ({exc}); pass a numeric array of shape {shape}."
             ) from exc
+        if isinstance(exc, TypeError):
+            raise
         got = np.ndim(X) if isinstance(X, np.ndarray) else None
         if got is not None and got > ndim:
             raise ValueError(f"{exc} {_ndim_hint(got, ndim)}") from exc

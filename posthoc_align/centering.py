@@ -67,8 +67,9 @@ class LanguageMeanCentering(LanguageTransformerMixin):
     One streaming pass: per-language sums are accumulated in float64 (blocks of
     4096 rows reduced in the input precision, see :mod:`posthoc_align._stats`),
     so ``partial_fit`` over any chunking equals ``fit`` up to rounding. Input
-    arrays are never modified; numpy in gives numpy out (float32/float64 kept),
-    a tensor in gives a tensor out on the same device.
+    arrays are never modified; numpy in gives numpy out (float16/32/64 kept),
+    a tensor in gives a tensor out on the same device and dtype (float16 and
+    bfloat16 are computed in a wider dtype and the output cast back).
 
     Examples
     --------

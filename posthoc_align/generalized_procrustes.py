@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import math
 import numbers
 import warnings
 from collections.abc import Hashable
@@ -55,7 +56,11 @@ class GeneralizedProcrustes(LanguageTransformerMixin):
     factor of ``(Σ_l W_l)ᵀ``), the common frame closest to the languages' own
     frames. So no language is privileged and the result does not depend on the
     order of languages or rows, nor on the start (up to rounding, where GPA
-    reaches the same optimum). ``transform`` maps ``x ↦ (x − μ_l) W_l``.
+    reaches the same optimum). Where the languages' own frames are far apart
+    (``Σ_l W_l`` nearly singular, e.g. unrelated random rotations) that closest
+    frame is ill-determined: a small change of the data may turn the whole output
+    by one global rotation, which leaves every distance, retrieval and alignment
+    score unchanged. ``transform`` maps ``x ↦ (x − μ_l) W_l``.
 
     Parameters
     ----------
@@ -283,11 +288,18 @@ class GeneralizedProcrustes(LanguageTransformerMixin):
         Yt = torch.from_numpy(Y).to(dev)
         if self.center:
             Yt -= torch.from_numpy(self.means_).to(dev)[torch.from_numpy(lang_of).to(dev)]
+        # the maps are scale-free: bring the rows to unit scale by an exact power of two,
+        # so that products neither overflow nor lose digits to subnormals (rows of 1e-200
+        # or 1e160 give the maps of rows of 1); the objective is scaled back
+        top = float(torch.linalg.vector_norm(Yt, float("inf")))
+        e = math.frexp(top)[1] if 0.0 < top < math.inf else 0
+        if e:
+            Yt = torch.ldexp(Yt, torch.tensor(-e, device=dev))
         W, history, converged = _gpa(Yt, pair_of, lang_of, n_pair_ids, self.n_iter, self.tol)
         for i in np.flatnonzero(self.n_pairs_):
             rot[i] = W[i]
         self.rotations_ = rot
-        self.objective_ = np.asarray(history)
+        self.objective_ = np.ldexp(np.asarray(history), 2 * e)
         self.n_iter_ = len(history) - 1
         self.converged_ = converged
 

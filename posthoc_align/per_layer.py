@@ -15,7 +15,7 @@ from sklearn.utils._set_output import _get_output_config
 from sklearn.utils.validation import check_is_fitted
 
 from ._apply import _empty_like, affine_by_language
-from ._backend import DEVICE_CONSTRAINT, resolve_device
+from ._backend import DEVICE_CONSTRAINT, HALF_DTYPES, resolve_device
 from ._dask import is_dask
 from ._validation import check_languages, check_X, factorized
 from .procrustes import ProcrustesAligner, solves_together
@@ -43,6 +43,16 @@ def _writes_into(est) -> bool:
     if type(est) not in (LanguageMeanCentering, LanguageStandardizer, ProcrustesAligner, LSAR):
         return False
     return _get_output_config("transform", est)["dense"] == "default"
+
+
+def _warn_fitted_state(estimators: list) -> None:
+    """The warnings a layer's own ``transform`` gives about its fitted state (once per
+    state; the fused and ``out=`` paths bypass it), pointed at the caller's line."""
+    from .standardization import LanguageStandardizer
+
+    for est in estimators:
+        if isinstance(est, LanguageStandardizer):
+            est._warn_small_fitted("in the fitted statistics", stacklevel=5)
 
 
 def _fusable(est) -> bool:
@@ -103,6 +113,18 @@ class PerLayer(TransformerMixin, BaseEstimator, auto_wrap_output_keys=None):
     n_layers_in_ : int
     n_features_in_ : int
         Features per layer.
+
+    Notes
+    -----
+    The output is a 3-D stack ``(n_rows, n_layers, n_features)``, so there is no
+    table of named columns to give: ``PerLayer`` has no ``get_feature_names_out`` and
+    no ``set_output`` (``Pipeline.set_output(transform="pandas")`` over it raises
+    scikit-learn's "set_output is not available" ValueError, and a global
+    ``transform_output="pandas"`` leaves its output an array). For a DataFrame, or a
+    2-D step in a Pipeline, select a layer with ``X[:, i]`` and use the 2-D estimator
+    on it (e.g. ``LanguageMeanCentering().set_output(transform="pandas")``). Numpy in
+    gives numpy out (float16/32/64 kept); a tensor in gives a tensor out on the same
+    device and dtype (float16/bfloat16 computed in a wider dtype, the output cast back).
 
     Examples
     --------
@@ -168,7 +190,7 @@ class PerLayer(TransformerMixin, BaseEstimator, auto_wrap_output_keys=None):
                 raise ValueError(f"Expected a 3-D dask array, got shape {X.shape}")
             nx = None
         else:
-            nx, X = check_X(X, ndim=3, estimator=self)
+            nx, X = check_X(X, ndim=3, estimator=self, keep_float16=True)
         if X.shape[1] == 0:
             raise ValueError(
                 f"X has shape {tuple(X.shape)}: no layers. {type(self).__name__} takes a "
@@ -265,6 +287,7 @@ class PerLayer(TransformerMixin, BaseEstimator, auto_wrap_output_keys=None):
         """
         check_is_fitted(self)
         nx, X = self._check_3d(X, reset=False)
+        _warn_fitted_state(self.estimators_)
         if nx is None:  # dask: lazy, layer by layer
             import dask.array as da
 
@@ -288,7 +311,7 @@ class PerLayer(TransformerMixin, BaseEstimator, auto_wrap_output_keys=None):
             out = _empty_like(T, T.dtype)
             out_t = out
         else:
-            # check_X gave float32/float64; a read-only array is copied, never written
+            # check_X gave float16/32/64; a read-only array is copied, never written
             T = nx.to_torch(X)
             out = np.empty(X.shape, dtype=np.float32 if T.dtype == torch.float32 else np.float64)
             out_t = torch.from_numpy(out)
@@ -298,7 +321,7 @@ class PerLayer(TransformerMixin, BaseEstimator, auto_wrap_output_keys=None):
             if j not in fitted:
                 out_t[:, j, :].copy_(T[:, j, :])
         if self._transform_fused(nx, T, out_t, languages):
-            return out
+            return self._as_input(nx, out, out_t, X)
         for i, est in zip(self.layers_, self.estimators_, strict=True):
             kwargs = _accepted(est.transform, languages=languages)
             if _writes_into(est):
@@ -313,6 +336,14 @@ class PerLayer(TransformerMixin, BaseEstimator, auto_wrap_output_keys=None):
                         "number of features (use it on the layer directly to reduce it)."
                     )
                 out[:, i, :] = res
+        return self._as_input(nx, out, out_t, X)
+
+    @staticmethod
+    def _as_input(nx, out, out_t, X):
+        """The output stack, cast back to half precision when ``X`` was float16/bfloat16
+        (computed in float64 like the 2-D estimators; see ``Backend.from_torch``)."""
+        if X.dtype in HALF_DTYPES or X.dtype == np.float16:
+            return nx.from_torch(out_t, like=X)
         return out
 
     def _transform_fused(self, nx, T, out_t, languages) -> bool:
@@ -396,6 +427,12 @@ class RotateAlign(PerLayer):
     ----------
     layers_ : tuple of int
     estimators_ : list of ProcrustesAligner
+
+    Notes
+    -----
+    As for :class:`PerLayer`, the output is a 3-D stack, so there is no
+    ``get_feature_names_out`` and no ``set_output``: for a DataFrame, select a layer
+    with ``X[:, i]`` and use :class:`ProcrustesAligner` on it.
 
     Examples
     --------

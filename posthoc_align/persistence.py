@@ -3,7 +3,8 @@
 A saved estimator is a directory::
 
     config.json          format, format version, library version, class name,
-                         parameters, JSON-able learned attributes, checksums
+                         parameters, the ``set_output`` configuration, JSON-able
+                         learned attributes and warned-about state, checksums
                          (of the arrays file, of this file's own content and
                          of each nested estimator's config.json)
     arrays.safetensors   every numeric learned array (float64 kept)
@@ -52,6 +53,12 @@ FORMAT = "posthoc_align.estimator"
 FORMAT_VERSION = 3
 _CONFIG = "config.json"
 _ARRAYS = "arrays.safetensors"
+#: private JSON-able state kept by a save (what a streaming estimator has warned about
+#: already, so a loaded copy warns exactly when the original would); only these names
+#: are ever set from a file
+_STATE_ATTRS = ("_few_pairs_warned", "_small_warned")
+#: scikit-learn's ``set_output`` configuration (e.g. ``{"transform": "pandas"}``)
+_OUTPUT_CONFIG = "_sklearn_output_config"
 _OBJECTS = {
     "LanguageMoments": LanguageMoments,
     "PairMoments": PairMoments,
@@ -195,6 +202,12 @@ def _save(est: BaseEstimator, path: str | Path) -> str:
         "children_sha256": child_sha,
         "arrays_sha256": digest,
     }
+    output_config = getattr(est, _OUTPUT_CONFIG, None)
+    if output_config:
+        config["output_config"] = {k: _json_value(v) for k, v in output_config.items()}
+    state = {k: _json_value(getattr(est, k)) for k in _STATE_ATTRS if hasattr(est, k)}
+    if state:
+        config["state"] = state
     config["config_sha256"] = _config_digest(config)
     (path / _CONFIG).write_text(json.dumps(config, indent=1))
     return config["config_sha256"]
@@ -299,6 +312,16 @@ def _load(path: Path, expected_sha: str | None = None) -> tuple[BaseEstimator, s
                 params[k] = child(name)
         est = cls(**params)
         est._validate_params()
+        # saves older than the set_output / state entries simply have none
+        output_config = cfg.get("output_config") or {}
+        if output_config:
+            if not hasattr(est, "set_output"):
+                raise ValueError(f"{cls.__name__} has no set_output, but the save has one")
+            est.set_output(**output_config)  # validates the values
+        for k, v in (cfg.get("state") or {}).items():
+            if k not in _STATE_ATTRS:
+                raise KeyError(f"unexpected state entry {k!r}")
+            setattr(est, k, _from_json(v))
         for k, v in cfg["attributes"].items():
             setattr(est, k, _from_json(v))
         for k, v in cfg["children"].items():

@@ -46,9 +46,10 @@ def _curves_from_rows(
 ) -> tuple[dict[str, dict[Any, list[float]]], str, int]:
     metrics = sorted({str(r["metric"]) for r in rows if "metric" in r})
     if metric is None:
-        if len(metrics) != 1:
-            raise ValueError(f"the rows hold several metrics {metrics}; pass metric=.")
-        metric = metrics[0]
+        if len(metrics) > 1:
+            raise ValueError(f"the rows hold several metrics {metrics}; pass metric= one of them.")
+        # rows without a metric column (it is optional) plot as "value"
+        metric = metrics[0] if metrics else None
     elif metrics and metric not in metrics:
         raise ValueError(f"metric {metric!r} is not in the rows; found {metrics}.")
     curves: dict[str, dict[Any, list[float]]] = {}
@@ -64,7 +65,43 @@ def _curves_from_rows(
         name = str(r.get("transform", "value"))
         curves.setdefault(name, {}).setdefault(r["layer"], []).append(float(r["value"]))
         groups.add((r.get("source"), r.get("target")))
-    return curves, metric, len(groups)
+    return curves, metric or "value", len(groups)
+
+
+#: markers of the curves: 11 of them, one more than the colours of matplotlib's
+#: default cycle, so colour and marker do not repeat together
+_MARKERS = "osD^v<>ph*X"
+_LINESTYLES = ("-", "--", "-.", ":")
+
+
+def _line_styles(n: int) -> list[dict[str, Any]]:
+    """Colour, marker and line style of ``n`` curves, distinct for any ``n`` up to hundreds.
+
+    The colours are those of matplotlib's ``axes.prop_cycle`` (10 by default), the
+    markers cycle with another period (11), and each pass through the colours gets
+    the next line style (solid, dashed, dash-dot, dotted): curve ``i`` and curve
+    ``i + 10`` share a colour but differ in marker and line style.
+
+    Examples
+    --------
+    >>> s = _line_styles(12)
+    >>> s[0]["linestyle"], s[10]["linestyle"], s[0]["marker"] != s[10]["marker"]
+    ('-', '--', True)
+    """
+    from matplotlib import rcParams
+
+    colours = list(rcParams["axes.prop_cycle"].by_key().get("color", []))
+    n_col = len(colours) or 10
+    out = []
+    for i in range(n):
+        style: dict[str, Any] = {
+            "marker": _MARKERS[i % len(_MARKERS)],
+            "linestyle": _LINESTYLES[(i // n_col) % len(_LINESTYLES)],
+        }
+        if colours:
+            style["color"] = colours[i % n_col]
+        out.append(style)
+    return out
 
 
 def plot_layer_curves(
@@ -86,7 +123,8 @@ def plot_layer_curves(
         ``tags={"layer": ..., "transform": ...}``), or a mapping
         ``{transform: {layer: value}}`` or ``{transform: [value per layer]}``.
         Several rows for one (transform, layer), e.g. several language pairs, are
-        averaged, and the title says over how many pairs.
+        averaged, and the title says over how many pairs. Rows without ``metric``
+        are plotted as they are (y-axis "value" unless ``metric`` is given).
     metric : str, optional
         Which metric of the rows to plot (needed when they hold several); for a
         mapping, the y-axis label.
@@ -98,6 +136,12 @@ def plot_layer_curves(
     Returns
     -------
     matplotlib.figure.Figure
+
+    Notes
+    -----
+    Curves differ in colour (matplotlib's colour cycle), marker and, past the
+    number of colours (10 by default), line style, so any number of transforms
+    stays distinguishable.
 
     Examples
     --------
@@ -121,15 +165,9 @@ def plot_layer_curves(
         curves, label, n_groups = _curves_from_rows(list(data), metric)
     if not curves:
         raise ValueError("nothing to plot: no rows for this metric.")
-    markers = "osD^v<>ph*"
-    for i, (name, pts) in enumerate(curves.items()):
+    for (name, pts), style in zip(curves.items(), _line_styles(len(curves)), strict=True):
         layers = sorted(pts)
-        ax.plot(
-            layers,
-            [float(np.mean(pts[lay])) for lay in layers],
-            marker=markers[i % len(markers)],
-            label=name,
-        )
+        ax.plot(layers, [float(np.mean(pts[lay])) for lay in layers], label=name, **style)
     ax.set_xlabel("layer")
     ax.set_ylabel(label.replace("_", " "))
     if all(isinstance(lay, int | np.integer) for c in curves.values() for lay in c):

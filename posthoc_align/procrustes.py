@@ -23,6 +23,12 @@ from ._validation import check_languages, check_pair_ids
 __all__ = ["ProcrustesAligner", "orthogonal_map", "rotate_by_language"]
 
 
+#: ``orthogonal_map`` uses ``C`` as it is when its largest ``|entry|`` lies in this
+#: range (``CᵀC`` and its eigenvalues, down to 1e-8 of the largest, stay normal
+#: float64 numbers for any dimension); outside it, ``C`` is rescaled first.
+_SAFE_CROSS = (2.0**-400, 2.0**400)
+
+
 def orthogonal_map(cross: np.ndarray, device: Any = "cpu") -> np.ndarray:
     """The orthogonal ``W`` minimising ``‖A W − B‖_F`` given ``cross = AᵀB``.
 
@@ -34,6 +40,17 @@ def orthogonal_map(cross: np.ndarray, device: Any = "cpu") -> np.ndarray:
     condition number; Higham 1986); otherwise (e.g. fewer pairs than dimensions) from the SVD itself. float64,
     torch, on ``device``.
 
+    The map does not depend on the scale of ``cross``: outside ``[2⁻⁴⁰⁰, 2⁴⁰⁰]``
+    (largest ``|entry|``) it is divided by a power of two near that entry (exact)
+    before ``CᵀC`` is formed, so that neither overflows nor underflows at any
+    finite scale (the cross-product of data at 1e150, squared again, would).
+
+    Raises
+    ------
+    ValueError
+        If ``cross`` holds inf or NaN (the products of the paired rows overflowed
+        float64, e.g. float64 rows of magnitude ≳ 1e154).
+
     Examples
     --------
     >>> import numpy as np
@@ -42,6 +59,19 @@ def orthogonal_map(cross: np.ndarray, device: Any = "cpu") -> np.ndarray:
     True
     """
     C = np.ascontiguousarray(cross, dtype=np.float64)
+    big = max(-float(C.min()), float(C.max())) if C.size else 0.0  # NaN propagates
+    if not np.isfinite(big):
+        raise ValueError(
+            "the cross-product of the paired rows holds inf or NaN: the products of "
+            "the data overflowed float64 (rows of magnitude ~1e154 or more). The "
+            "orthogonal map does not depend on the scale of the data: divide X by a "
+            "constant (e.g. its largest |value|) before fitting."
+        )
+    if big > 0.0 and not _SAFE_CROSS[0] <= big <= _SAFE_CROSS[1]:
+        # W is scale-free; an exact power-of-two rescale keeps CᵀC (whose entries
+        # are squares of C's) inside float64's range at every scale of C (C at a
+        # usual scale is used as it is)
+        C = np.ldexp(C, -int(np.frexp(big)[1]))
     if torch.device(device).type == "cpu":
         # numpy on the CPU: ``C.T @ C`` runs as a symmetric rank-k update (half the
         # flops of a GEMM) and LAPACK's syevd through numpy took ~0.6x torch's time

@@ -8,6 +8,7 @@ model with ``pooling="last"`` or ``"mean"`` — and a parallel dataset.
 
 from __future__ import annotations
 
+import numbers
 from collections.abc import Mapping, Sequence
 from typing import Any
 
@@ -49,6 +50,24 @@ def _checked(X: Any, langs: Any, pids: Any, what: str):
                 "row of X."
             )
     return X, langs, pids
+
+
+def _check_test_fraction(test_fraction: Any) -> float:
+    """``test_fraction`` as a float in the open interval (0, 1), else a ValueError."""
+    if isinstance(test_fraction, bool) or not isinstance(test_fraction, numbers.Real):
+        raise ValueError(
+            f"test_fraction must be a float in the open interval (0, 1), the share of "
+            f"translation groups held out for evaluation; got {test_fraction!r} of type "
+            f"{type(test_fraction).__name__}. Pass e.g. test_fraction=0.5."
+        )
+    tf = float(test_fraction)
+    if not 0.0 < tf < 1.0:  # also rejects NaN
+        raise ValueError(
+            f"test_fraction must be in the open interval (0, 1), the share of translation "
+            f"groups held out for evaluation (the rest train the transforms); got "
+            f"{test_fraction!r}. Pass e.g. test_fraction=0.5."
+        )
+    return tf
 
 
 def _as_arrays(encoder: Any, dataset: Any, pooling: str | None):
@@ -116,7 +135,9 @@ def alignment_profile(
     source : str, default="en"
     targets : sequence of str, optional
         Default: every other language.
-    test_fraction : float, default=0.5
+    test_fraction : float in (0, 1), default=0.5
+        The share of translation groups (``pair_ids``) held out for the metrics;
+        the others train the transforms.
     pooling : {"mean", "cls", "last"}, optional
         Overrides the encoder's pooling (``"last"`` for decoder-only models).
     random_state : int, default=0
@@ -149,6 +170,7 @@ def alignment_profile(
     from .per_layer import _accepted
 
     metrics = check_metric_request(metrics, metric_kw)  # before any encoding or fitting
+    test_fraction = _check_test_fraction(test_fraction)
     X, langs, pids = _as_arrays(encoder, dataset, pooling)
     per_row = {}
     for key in PER_ROW_KW:
@@ -170,7 +192,12 @@ def alignment_profile(
         raise ValueError(f"target language(s) {missing} are not in the data ({available})")
     train, test = heldout_split(pids, test_fraction, random_state)
     if not train.any() or not test.any():
-        raise ValueError("too few translation groups to split into train and test")
+        n_groups = np.unique(pids).size
+        raise ValueError(
+            f"too few translation groups ({n_groups}) to split into train and test with "
+            f"test_fraction={test_fraction}; pass more translation groups or a "
+            "test_fraction nearer 0.5."
+        )
     metric_kw.update({key: v[test] for key, v in per_row.items()})  # the rows evaluated
     transforms = default_transforms() if transforms is None else dict(transforms)
     outputs = {"raw": [X[test][:, i] for i in range(X.shape[1])]}

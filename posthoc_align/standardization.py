@@ -29,14 +29,18 @@ def _scale(variances: np.ndarray, eps: float) -> np.ndarray:
     return s
 
 
-def _warn_small(labels, counts, where: str) -> None:
-    small = [lab for lab, c in zip(labels, counts, strict=True) if c < 2]
+def _small_languages(labels, counts) -> list:
+    """The languages with fewer than 2 rows (variance 0: only eps is left)."""
+    return [lab for lab, c in zip(labels, counts, strict=True) if c < 2]
+
+
+def _warn_small(small: list, where: str, stacklevel: int = 3) -> None:
     if small:
         warnings.warn(
             f"language(s) {small} have fewer than 2 rows {where}: their variance is 0 and "
             "only eps keeps the division finite. Give every language more rows.",
             UserWarning,
-            stacklevel=3,
+            stacklevel=stacklevel,
         )
 
 
@@ -65,7 +69,9 @@ class LanguageStandardizer(LanguageTransformerMixin):
         Divide by ``sqrt(var + eps)``.
     eps : float, default=1e-6
         Added to the variance. A language with a single row has variance 0 and is
-        scaled by ``1/sqrt(eps)`` of a zero vector (a warning is issued). With
+        scaled by ``1/sqrt(eps)`` of a zero vector (a warning is issued, once per
+        fitted state: at the end of ``fit``, or at the first ``transform`` after
+        ``partial_fit``). With
         ``eps=0`` a feature of zero variance is left unscaled (scale 1, as
         ``StandardScaler`` does) instead of divided by zero.
     device : {"auto", "cpu", "cuda"} or torch.device, default="auto"
@@ -147,8 +153,17 @@ class LanguageStandardizer(LanguageTransformerMixin):
         return self
 
     def _after_fit(self) -> None:
-        if self.mode == "fitted":
-            _warn_small(self.languages_.tolist(), self.counts_, "at fit")
+        self._warn_small_fitted("at fit", stacklevel=6)
+
+    def _warn_small_fitted(self, where: str, stacklevel: int) -> None:
+        """Warn about fitted languages with fewer than 2 rows, once per state: at the end
+        of ``fit``, or (``partial_fit`` streams) at the first transform of that state."""
+        if self.mode != "fitted":
+            return
+        small = _small_languages(self.languages_.tolist(), self.counts_)
+        if small and getattr(self, "_small_warned", None) != small:
+            self._small_warned = small
+            _warn_small(small, where, stacklevel=stacklevel)
 
     @_fit_context(prefer_skip_nested_validation=True)
     def partial_fit(self, X, y=None, languages=None):
@@ -176,6 +191,7 @@ class LanguageStandardizer(LanguageTransformerMixin):
         X_new : same type as X
         """
         check_is_fitted(self)
+        self._warn_small_fitted("in the fitted statistics", stacklevel=5)
         if is_dask(X):
             return transform_dask(self, X, languages)
         return self._transform(X, languages)
@@ -187,7 +203,7 @@ class LanguageStandardizer(LanguageTransformerMixin):
         T = nx.to_torch(Xc, dev)
         if self.mode == "batch":
             m = LanguageMoments(second_moments=True).update(T, labels, codes)
-            _warn_small(m.labels, m.counts, "in this batch")
+            _warn_small(_small_languages(m.labels, m.counts), "in this batch")
             lut = np.array([m.index[lab] for lab in labels.tolist()], dtype=np.int64)
             gcodes, means, var = lut[codes], m.means(), m.variances()
         else:

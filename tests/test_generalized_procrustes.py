@@ -491,3 +491,14 @@ def test_start_and_frame_do_not_depend_on_language_names(rng):
     Zr = ref.transform(X, languages=np.repeat(["a", "b", "c"], 150))
     Za = alt.transform(X, languages=np.repeat(["z", "b", "a"], 150))
     np.testing.assert_allclose(Za, Zr, atol=1e-8)
+
+
+@pytest.mark.parametrize("scale", [1e-200, 1e-150, 1e150, 3.0])
+def test_maps_do_not_depend_on_the_data_scale(rng, scale):
+    """Products of float64 rows of 1e-200 underflowed: silently wrong maps (review)."""
+    X, L, P, _ = planted(rng, noise=0.3)
+    ref = GeneralizedProcrustes().fit(X, languages=L, pair_ids=P)
+    est = GeneralizedProcrustes().fit(X * scale, languages=L, pair_ids=P)
+    np.testing.assert_allclose(est.rotations_, ref.rotations_, atol=1e-9)
+    if scale >= 1e-150:
+        np.testing.assert_allclose(est.objective_, ref.objective_ * scale**2, rtol=1e-9)

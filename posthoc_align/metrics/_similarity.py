@@ -17,7 +17,15 @@ stays float64, float16/bfloat16 are computed in float32, see
 scaled by the inverse row norms (computed once per target row, once per query
 block), so no normalised copy of ``X`` is ever made.  Rows of norm zero get
 cosine 0 with every row (as :func:`sklearn.preprocessing.normalize` leaves them
-at zero).
+at zero).  Row norms are overflow-safe: a row whose squared norm would overflow
+or underflow (``|x| ≈ 1e19`` or ``1e-25`` in float32, ``1e160`` or ``1e-170`` in
+float64) is multiplied by a power of two that brings its largest entry into
+``[0.5, 1)`` before it is squared or multiplied (:func:`_block_norms`), as
+``numpy.linalg.norm`` and BLAS ``nrm2`` scale; cosines do not change with the scale
+of a row, so cosine, CSLS and margin scores are the same at any scale of ``X``.
+Usual rows are not touched (the check is one comparison over the norms of a
+block).  Dot-product and Euclidean scores do change with the scale: when they
+would overflow or underflow the dtype, a ValueError asks to rescale ``X``.
 
 The module also holds :func:`prepare`, the validation shared by the metrics that
 take ``(X, languages, pair_ids, source, target)``.
@@ -35,6 +43,8 @@ the numpy path: per query row, the target blocks are visited in the same order.
 
 from __future__ import annotations
 
+import functools
+import math
 from collections.abc import Callable, Hashable
 from dataclasses import dataclass
 from typing import Any
@@ -63,6 +73,8 @@ __all__ = [
     "strictly_above",
     "tie_tolerance",
     "prepare",
+    "rescaled_block",
+    "row_norms",
     "scan",
 ]
 
@@ -282,13 +294,18 @@ def tie_tolerance(dtype: Any, n_features: int) -> float:
 
 
 def row_norms(rows: Rows, device: Any = "cpu") -> np.ndarray:
-    """``‖y‖`` of every row of ``rows`` (float64 numpy), read window by window."""
+    """``‖y‖`` of every row of ``rows`` (float64 numpy), read window by window.
+
+    Overflow-safe (rows whose squared norm overflows float64 are rescaled first, see
+    :func:`_block_norms`); rejects NaN and infinity.
+    """
     out = np.empty(len(rows))
     step = 1 << 14
     for lo in range(0, len(rows), step):
         hi = min(lo + step, len(rows))
         block = rows.take(lo, hi, torch.device(device), torch.float64)
-        out[lo:hi] = torch.linalg.vector_norm(block, dim=1).cpu().numpy()
+        norms, exps = _block_norms(rows, block, lo)
+        out[lo:hi] = _unscale(norms, exps).cpu().numpy()
     return out
 
 
@@ -426,22 +443,186 @@ def plan_blocks(
 # -- the engine ---------------------------------------------------------------------
 
 
-def _raise_non_finite_row(rows: Rows, B: torch.Tensor, lo: int) -> None:
-    """Raise naming the row of ``X`` behind the first non-finite row of block ``B``."""
-    bad = int(torch.nonzero(~torch.isfinite(B).all(dim=1)).flatten()[0]) if B.numel() else 0
-    raise_non_finite(B[bad : bad + 1], offset=int(rows.origin[lo + bad]))
+def _raise_non_finite_row(
+    rows: Rows, B: torch.Tensor, lo: int, what: str = "the squared row norms"
+) -> None:
+    """Raise naming the row of ``X`` behind the first non-finite row of block ``B``.
+
+    ``B`` holds rows ``lo:lo + len(B)`` of ``rows``.  When every entry of ``B`` is
+    finite, ``what`` (a quantity computed from it) overflowed: the message says so
+    and names the rows, instead of looking for a non-finite input that is not there.
+    """
+    bad_rows = torch.nonzero(~torch.isfinite(B).all(dim=1)).flatten() if B.numel() else None
+    if bad_rows is not None and bad_rows.numel():
+        bad = int(bad_rows[0])
+        raise_non_finite(B[bad : bad + 1], offset=int(rows.origin[lo + bad]))
+    big = float(B.abs().max()) if B.numel() else 0.0
+    first, last = int(rows.origin[lo]), int(rows.origin[lo + max(B.shape[0], 1) - 1])
+    dtype = str(B.dtype).replace("torch.", "")
+    raise ValueError(
+        f"Input X is finite, but {what} of rows {first}..{last} overflowed {dtype} "
+        f"(largest |value| {big:.3g}, largest {dtype} {torch.finfo(B.dtype).max:.3g}). "
+        "Rescale X (e.g. divide it by its largest absolute value)"
+        + (" or pass float64 data." if B.dtype != torch.float64 else ".")
+    )
 
 
-def _norms(rows: Rows, device: torch.device, dtype: torch.dtype) -> torch.Tensor:
-    """``‖row‖`` for every row, checking finiteness on the way."""
+@functools.cache
+def _safe_norm_range(dtype: torch.dtype) -> tuple[float, float]:
+    """Row norms ``[lo, hi]`` whose products need no rescaling in ``dtype``.
+
+    Powers of two with ``hi² ≤ max / 16`` (no square or product of two such rows
+    overflows) and ``lo² ≥ 4 · tiny / eps`` (their products are normal numbers down to
+    the rounding of the larger terms, so nothing relevant underflows).
+    """
+    fi = torch.finfo(dtype)
+    lo = math.ldexp(1.0, math.floor((math.log2(fi.tiny) - math.log2(fi.eps)) / 2) + 2)
+    hi = math.ldexp(1.0, math.floor(math.log2(fi.max) / 2) - 2)
+    return lo, hi
+
+
+def _pow2(e: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+    """``2**e`` in ``dtype``, exactly, built from its bits (``e``: normal exponents)."""
+    if dtype == torch.float64:
+        return ((e.to(torch.int64) + 1023) << 52).view(torch.float64)
+    return ((e.to(torch.int32) + 127) << 23).view(torch.float32).to(dtype)
+
+
+def _scale_rows(B: torch.Tensor, exps: torch.Tensor) -> torch.Tensor:
+    """``B[i] · 2**exps[i]`` (a new tensor), exact but for entries that underflow.
+
+    Multiplied in two steps so that every factor is a normal number of ``B.dtype``.
+    """
+    e1 = torch.div(exps, 2, rounding_mode="floor")
+    f1, f2 = _pow2(e1, B.dtype), _pow2(exps - e1, B.dtype)
+    return B * f1[:, None] * f2[:, None]
+
+
+def _unscale(norms: torch.Tensor, exps: torch.Tensor | None) -> torch.Tensor:
+    """True norms (float64) from the norms of rows scaled by ``2**exps``."""
+    out = norms.to(torch.float64)
+    if exps is None:
+        return out
+    return _scale_rows(out[:, None], -exps)[:, 0]
+
+
+def _block_norms(rows: Rows, B: torch.Tensor, lo: int) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """``‖row‖`` of every row of block ``B`` (rows ``lo:`` of ``rows``), overflow-safe.
+
+    Returns ``(norms, exps)``.  ``exps`` is None when every norm lies in
+    :func:`_safe_norm_range` (the usual case: one comparison over the norms).
+    Otherwise the rows outside it (squared norm overflowing or underflowing, as for
+    ``|x| ≈ 1e19`` or ``1e-25`` in float32) get a power of two ``2**exps[i]`` that
+    brings their largest entry into ``[0.5, 1)`` (``exps[i] = 0`` for the other rows),
+    and ``norms`` are the norms of the rescaled rows, ``‖2**exps[i] · B[i]‖``, as
+    ``numpy.linalg.norm``/BLAS ``nrm2`` scale before squaring.  Raises a
+    ValueError naming the row when ``B`` holds NaN or infinity.
+    """
+    norms = torch.linalg.vector_norm(B, dim=1)
+    r_lo, r_hi = _safe_norm_range(B.dtype)
+    if bool(((norms >= r_lo) & (norms <= r_hi)).all()):
+        return norms, None
+    # rare path: zero rows, NaN/inf, or norms whose squares overflow or underflow
+    amax = B.abs().amax(dim=1) if B.shape[1] else torch.zeros_like(norms)
+    if not bool(torch.isfinite(amax).all()):
+        _raise_non_finite_row(rows, B, lo)
+    risky = ~((norms >= r_lo) & (norms <= r_hi)) & (amax > 0)
+    if not bool(risky.any()):  # only zero rows
+        return norms, None
+    exps = torch.where(risky, -torch.frexp(amax).exponent.to(torch.int64), 0)
+    return torch.linalg.vector_norm(_scale_rows(B, exps), dim=1), exps
+
+
+def rescaled_block(rows: Rows, B: torch.Tensor, lo: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """Block ``B`` (rows ``lo:`` of ``rows``) ready for cosines, and its row norms.
+
+    Rows whose squared norm would overflow or underflow are multiplied by a power of
+    two (see :func:`_block_norms`; a new tensor, ``B`` itself is never modified);
+    the others, and ``B`` itself in the usual case, are returned as they are.  The
+    norms are those of the returned rows, so ``returned / norms`` are the unit rows.
+    Raises a ValueError naming the row when ``B`` holds NaN or infinity.
+    """
+    norms, exps = _block_norms(rows, B, lo)
+    return (B if exps is None else _scale_rows(B, exps)), norms
+
+
+class _ScaledRows(Rows):
+    """The rows of ``rows``, row ``i`` multiplied by ``2**exps[i]`` as it is read.
+
+    Used by :func:`scan` for cosine scores of rows whose squared norms overflow or
+    underflow (the scale of a row does not change its cosines).
+    """
+
+    def __init__(self, rows: Rows, exps: torch.Tensor):
+        super().__init__(rows.base, rows.index, rows.origin)
+        self.rows = rows
+        self.exps = exps
+
+    @property
+    def dtype(self) -> torch.dtype:
+        return self.rows.dtype
+
+    def is_view_on(self, device: torch.device, dtype: torch.dtype) -> bool:
+        return False
+
+    def take(self, lo: int, hi: int, device: torch.device, dtype: torch.dtype) -> torch.Tensor:
+        B = self.rows.take(lo, hi, device, dtype)
+        return _scale_rows(B, self.exps[lo:hi].to(B.device))
+
+    def subset(self, positions: np.ndarray) -> Rows:
+        pos = np.asarray(positions, dtype=np.int64)
+        return _ScaledRows(self.rows.subset(pos), self.exps[torch.from_numpy(pos)])
+
+
+def _norms(
+    rows: Rows, device: torch.device, dtype: torch.dtype
+) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """Overflow-safe ``‖row‖`` for every row, checking finiteness on the way.
+
+    Returns ``(norms, exps)`` as :func:`_block_norms` does, for all of ``rows``.
+    """
     out = torch.empty(len(rows), dtype=dtype, device=device)
+    exps: torch.Tensor | None = None
     for sl in row_blocks(len(rows)):
         B = rows.take(sl.start, sl.stop, device, dtype)
-        norms = torch.linalg.vector_norm(B, dim=1)
-        if not bool(torch.isfinite(norms).all()):
-            _raise_non_finite_row(rows, B, sl.start)
-        out[sl] = norms
-    return out
+        out[sl], e = _block_norms(rows, B, sl.start)
+        if e is not None:
+            if exps is None:
+                exps = torch.zeros(len(rows), dtype=torch.int64, device=device)
+            exps[sl] = e
+    return out, exps
+
+
+def _check_dot_range(
+    queries: Rows,
+    lo: int,
+    q_norms: torch.Tensor,
+    t_max: float,
+    dtype: torch.dtype,
+) -> None:
+    """Raise when dot products of query rows ``lo:`` overflow or underflow ``dtype``.
+
+    ``q_norms`` (float64) are the true query norms and ``t_max`` the largest target
+    norm: ``|x·y| ≤ ‖x‖ · max ‖y‖``.  Only called when some norm fell outside
+    :func:`_safe_norm_range` (rows inside it cannot overflow or underflow).
+    """
+    fi = torch.finfo(dtype)
+    bound = q_norms * t_max
+    name = str(dtype).replace("torch.", "")
+    over = bound > fi.max
+    # (the float64 product itself may underflow to 0: test the factors)
+    under = (q_norms > 0) & (t_max > 0) & (bound < fi.tiny)
+    for mask, verb, limit in ((over, "overflow", fi.max), (under, "underflow", fi.tiny)):
+        if bool(mask.any()):
+            i = int(torch.nonzero(mask).flatten()[0])
+            wider = " or pass float64 data" if dtype != torch.float64 else ""
+            raise ValueError(
+                f"Dot-product (or Euclidean) scores of row {int(queries.origin[lo + i])} of X "
+                f"{verb} {name}: its norm ‖x‖ = {float(q_norms[i]):.3g} times the largest "
+                f"target norm max‖y‖ = {t_max:.3g} is {'above' if verb == 'overflow' else 'below'} "
+                f"{limit:.3g}. Rescale X (e.g. multiply it by a constant that brings its row "
+                f"norms near 1){wider}; cosine and CSLS scores do not depend on the scale of X."
+            )
 
 
 def _inverse(norms: torch.Tensor) -> torch.Tensor:
@@ -504,6 +685,11 @@ def scan(
     block the lowest position within the tolerance of the block maximum wins: ties
     go to the lowest target position whatever the blocks.
 
+    Rows whose squared norm would overflow or underflow (see the module notes) are
+    rescaled by a power of two for cosine scores (targets then are read through
+    :class:`_ScaledRows`, one scaled copy per block); for dot scores that would
+    overflow or underflow ``dtype`` a ValueError asks to rescale ``X``.
+
     Targets that are one contiguous run of rows already on ``device`` are read as
     views.  Otherwise they are gathered and cached on ``device`` once when that
     copy takes at most half the budget, else gathered block by block (their cost
@@ -558,8 +744,8 @@ def scan(
         if k == 1 and similarity == "dot" and tie_t is None and segment < n:
             t_max_all = 0.0
             for t0 in range(0, n, segment):
-                norms = _norms(_segment(t0, min(n, t0 + segment)), device, dtype)
-                t_max_all = max(t_max_all, float(norms.max()))
+                norms, exps = _norms(_segment(t0, min(n, t0 + segment)), device, dtype)
+                t_max_all = max(t_max_all, float(_unscale(norms, exps).max()))
         sbuf = torch.empty(min(bq, m) * min(bt, n), dtype=dtype, device=device)
         q_norms = torch.zeros(m, dtype=torch.float64, device=device)
         t_max = 0.0
@@ -578,25 +764,38 @@ def scan(
         for t0 in range(0, n, max(segment, 1)):
             t1 = min(n, t0 + segment)
             seg = _segment(t0, t1)
-            t_norms = _norms(seg, device, dtype)  # also rejects NaN/inf, at O(n·d)
-            if t_norms.numel():
-                t_max = max(t_max, float(t_norms.max()))
-            t_inv = _inverse(t_norms) if similarity == "cosine" else None
+            # also rejects NaN/inf, at O(n·d); t_exps: rows rescaled against overflow
+            t_norms, t_exps = _norms(seg, device, dtype)
+            seg_max = float(_unscale(t_norms, t_exps).max()) if t_norms.numel() else 0.0
+            t_max = max(t_max, seg_max)
+            t_inv = None
+            if similarity == "cosine":
+                if t_exps is not None:  # cosines do not change with the scale of a row
+                    seg = _ScaledRows(seg, t_exps)
+                t_inv = _inverse(t_norms)
             dot_max = t_max if t_max_all is None else t_max_all
             for qs in row_blocks(m, bq):
                 Q = queries.take(qs.start, qs.stop, device, dtype)
-                q_norm = torch.linalg.vector_norm(Q, dim=1)
-                if not bool(torch.isfinite(q_norm).all()):
-                    _raise_non_finite_row(queries, Q, qs.start)
+                q_norm, q_exps = _block_norms(queries, Q, qs.start)
+                q_true = None
+                if q_exps is not None or t_exps is not None:  # rare: rows out of range
+                    q_true = _unscale(q_norm, q_exps)
+                    if similarity == "dot":
+                        _check_dot_range(queries, qs.start, q_true, seg_max, dtype)
+                    elif q_exps is not None:
+                        Q = _scale_rows(Q, q_exps)
                 if t0 == 0:
-                    q_norms[qs] = q_norm.to(torch.float64)
+                    q_norms[qs] = q_norm.to(torch.float64) if q_true is None else q_true
                 q_inv = _inverse(q_norm)
                 row_scale = None
                 if k == 1:
                     if tie_t is not None:
                         row_scale = tie_t[qs]
                     elif similarity == "dot":
-                        row_scale = q_norm * dot_max
+                        if q_true is None:
+                            row_scale = q_norm * dot_max
+                        else:
+                            row_scale = (q_true * dot_max).to(dtype)
                 for ls in row_blocks(t1 - t0, bt):
                     ts = slice(t0 + ls.start, t0 + ls.stop)  # positions among all targets
                     T = seg.take(ls.start, ls.stop, device, dtype)

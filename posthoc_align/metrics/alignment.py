@@ -13,9 +13,11 @@ from .._stats import row_blocks
 from ._similarity import (
     DEFAULT_MEMORY_BUDGET,
     Rows,
+    _raise_non_finite_row,
     check_memory_budget,
     prepare,
     require_pairs,
+    rescaled_block,
     row_norms,
     scan,
     score_scale,
@@ -40,12 +42,12 @@ def pair_cosines(
     out = np.empty(len(a))
     with torch.no_grad():
         for sl in row_blocks(len(a), _block_rows(a.n_features, itemsize, memory_budget)):
-            A = a.take(sl.start, sl.stop, device, dtype)
-            B = b.take(sl.start, sl.stop, device, dtype)
+            # rows whose squared norm over- or underflows come rescaled (cosines do
+            # not change with the scale of a row)
+            A, na = rescaled_block(a, a.take(sl.start, sl.stop, device, dtype), sl.start)
+            B, nb = rescaled_block(b, b.take(sl.start, sl.stop, device, dtype), sl.start)
             dot = (A * B).sum(dim=1, dtype=torch.float64)
-            na = torch.linalg.vector_norm(A, dim=1).to(torch.float64)
-            nb = torch.linalg.vector_norm(B, dim=1).to(torch.float64)
-            den = na * nb
+            den = na.to(torch.float64) * nb.to(torch.float64)
             cos = torch.where(den > 0, dot / torch.where(den > 0, den, 1.0), 0.0)
             out[sl] = cos.cpu().numpy()
     if not np.isfinite(out).all():
@@ -66,17 +68,27 @@ def unit_mean(
     with torch.no_grad():
         for sl in row_blocks(len(rows), _block_rows(rows.n_features, itemsize, memory_budget)):
             B = rows.take(sl.start, sl.stop, device, dtype)
-            norms = torch.linalg.vector_norm(B, dim=1)
+            B, norms = rescaled_block(rows, B, sl.start)  # overflow-safe norms
             inv = torch.where(norms > 0, 1.0 / torch.where(norms > 0, norms, 1.0), 0.0)
             acc += (B * inv[:, None]).sum(dim=0, dtype=torch.float64)
     return acc.cpu().numpy() / len(rows)
 
 
 def _sq_norms(rows: Rows, device: torch.device, dtype: torch.dtype) -> torch.Tensor:
+    """``‖y‖²`` of every row; a ValueError when one is NaN or overflows ``dtype``.
+
+    Unlike cosines, Euclidean distances depend on the scale of ``X``: a squared norm
+    that overflows cannot be rescaled away, and the message asks to rescale ``X``.
+    """
     out = torch.empty(len(rows), dtype=dtype, device=device)
     for sl in row_blocks(len(rows)):
         B = rows.take(sl.start, sl.stop, device, dtype)
-        out[sl] = (B * B).sum(dim=1)
+        sq = (B * B).sum(dim=1)
+        if not bool(torch.isfinite(sq).all()):
+            _raise_non_finite_row(
+                rows, B, sl.start, "the squared row norms (of the Euclidean distances)"
+            )
+        out[sl] = sq
     return out
 
 

@@ -21,6 +21,7 @@ from ._similarity import (
     nearest_neighbours,
     prepare,
     require_pairs,
+    rescaled_block,
 )
 
 __all__ = ["eigenvector_similarity", "relational_similarity", "knn_laplacian_spectrum"]
@@ -197,15 +198,10 @@ def _unit_moments(a: Rows, b: Rows, device: torch.device, memory_budget: int) ->
     block = int(max(1, min(4096, memory_budget // max(1, 4 * d * 8))))
     with torch.no_grad():
         for sl in row_blocks(len(a), block):
-            U = a.take(sl.start, sl.stop, device, dtype).to(f64)
-            V = b.take(sl.start, sl.stop, device, dtype).to(f64)
-            nu = torch.linalg.vector_norm(U, dim=1)
-            nv = torch.linalg.vector_norm(V, dim=1)
-            if not (bool(torch.isfinite(nu).all()) and bool(torch.isfinite(nv).all())):
-                raise ValueError(
-                    "Input X contains NaN or infinity. Remove or impute those rows "
-                    "(e.g. with sklearn.impute.SimpleImputer) first."
-                )
+            # overflow-safe norms (rows with squared norms out of float64's range come
+            # rescaled); a NaN or infinite row raises, naming it
+            U, nu = rescaled_block(a, a.take(sl.start, sl.stop, device, dtype).to(f64), sl.start)
+            V, nv = rescaled_block(b, b.take(sl.start, sl.stop, device, dtype).to(f64), sl.start)
             U = U * torch.where(nu > 0, 1 / torch.where(nu > 0, nu, 1.0), 0.0)[:, None]
             V = V * torch.where(nv > 0, 1 / torch.where(nv > 0, nv, 1.0), 0.0)[:, None]
             G_aa += U.T @ U
