@@ -11,6 +11,9 @@
    for Procrustes, each language's cross-products with its pivot partners are a
    dask matrix product of the gathered, row-aligned pairs, also reduced in a tree;
 4. one ``dask.compute`` runs it all; the closed form (d×d SVDs) runs on the client.
+   Pair products out of float64's range raise the numpy path's ``ValueError``
+   (:func:`_check_pair_range`, d×d checks; only rows whose products may be
+   subnormal are read again).
 
 ``transform`` returns a lazy dask array (``map_blocks`` over row blocks), each
 block transformed by the fitted estimator with its slice of ``languages``.
@@ -349,6 +352,7 @@ def _partial_fit_dask(est, X, languages, pair_ids):
     import dask
     import dask.array as da
 
+    from ._stats import input_rounding
     from ._validation import check_pair_ids
 
     X = check_dask_X(X, required_by=type(est).__name__)
@@ -435,11 +439,13 @@ def _partial_fit_dask(est, X, languages, pair_ids):
                 stacklevel=4,
             )
         pairs.released = True  # later numpy batches cannot pair with this batch's rows
+        pair_rows = {}
         for lab, (src, par) in matched.items():
             ka = m.shift[m.index[lab]]
             kb = m.shift[m.index[piv]]
             A = X[src].astype(np.float64) - ka
             B = X[par].astype(np.float64).rechunk({0: A.chunks[0]}) - kb
+            pair_rows[lab] = (A, B)
             todo[lab] = (
                 da.matmul(A.T, B),
                 A.sum(axis=0, split_every=_SPLIT_EVERY),
@@ -447,16 +453,45 @@ def _partial_fit_dask(est, X, languages, pair_ids):
                 src.size,
             )
     (res,) = dask.compute(todo)
+    if pairs is not None:
+        _check_pair_range(res, pair_rows)
     m.add(res.pop("moments"))
-    m.input_eps = max(
-        m.input_eps,
-        float(np.finfo(np.dtype(X.dtype)).eps) if np.dtype(X.dtype).kind == "f" else 0.0,
-    )
+    m.input_eps = max(m.input_eps, input_rounding(X.dtype))
     if pairs is not None:
         for lab, (S, sa, sb, cnt) in res.items():
             pairs.add_moments(lab, np.asarray(S), np.asarray(sa), np.asarray(sb), cnt)
     est._finalize(dev)
     return est
+
+
+def _check_pair_range(res: dict, pair_rows: dict) -> None:
+    """Raise the numpy path's ValueError for pair products out of float64's range.
+
+    ``res[lab]`` holds the computed cross-product ``S = Σ(a − k_a)(b − k_b)ᵀ`` of the
+    rows shifted by the reference rows, ``pair_rows[lab]`` the dask arrays of those
+    shifted rows. Overflow is a d×d check; underflow is decided as on the numpy path
+    (:func:`~posthoc_align._stats.cross_underflows`): only where ``max|S|`` is below
+    ``n·TINY_CROSS64`` (rare) are the rows' largest ``|values|`` computed, one more
+    dask pass over the pairs of those languages.
+    """
+    import dask
+
+    from ._stats import cross_range_error, cross_underflows
+
+    for lab in pair_rows:
+        S, sa, sb, _ = res[lab]
+        if not (np.isfinite(S).all() and np.isfinite(sa).all() and np.isfinite(sb).all()):
+            raise cross_range_error(lab, overflow=True)
+
+    def extremes(A: Any, B: Any) -> tuple[float, float]:
+        amax, bmax = dask.compute(abs(A).max(), abs(B).max())
+        return float(amax), float(bmax)
+
+    for lab, (A, B) in pair_rows.items():
+        S, _, _, cnt = res[lab]
+        big = float(np.abs(S).max()) if np.size(S) else 0.0
+        if cross_underflows(big, cnt, lambda A=A, B=B: extremes(A, B)):
+            raise cross_range_error(lab, overflow=False)
 
 
 def _check_unique_pairs(labels, codes, pids):

@@ -40,7 +40,7 @@ from __future__ import annotations
 
 import math
 import warnings
-from collections.abc import Hashable, Iterator
+from collections.abc import Callable, Hashable, Iterator
 from typing import Any
 
 import numpy as np
@@ -66,9 +66,17 @@ SUM_BLOCK = 2048
 #: relative precision for up to ~2²⁵ pairs, and all-underflowed products give 0.
 TINY_CROSS = 2.0**-100
 
-#: The float64 counterpart of :data:`TINY_CROSS` (2⁻¹⁰²² / 2⁻⁵³): below it, products
-#: of float64 rows are subnormal; such rows cannot be paired (a clear error).
-TINY_CROSS64 = 2.0**-969
+#: The smallest normal float64, 2⁻¹⁰²² (``np.finfo(np.float64).tiny``): the float64
+#: range check of the pair products (:func:`cross_underflows`, used by
+#: :meth:`PairMoments._accumulate` and the dask path alike). A product below it is
+#: subnormal: it is rounded to a multiple of 2⁻¹⁰⁷⁴, an absolute error of up to
+#: 2⁻¹⁰⁷⁵ instead of a relative one. While the largest product of a language's
+#: rows with their pivot partners, ``max|a − k_a| · max|b − k_b|`` (rows shifted by
+#: the reference rows ``k``), is at least this, that absolute error is at most half
+#: an ulp of the largest product: no worse than ordinary rounding (float64 rows of
+#: magnitude ≳ 1.5e-154). Below it *every* product has lost digits, down to 0:
+#: such rows cannot be paired (a clear error).
+TINY_CROSS64 = 2.0**-1022
 
 
 #: Rows grouped by language in runs at least this long (on average) take the
@@ -230,7 +238,7 @@ class LanguageMoments:
         try:
             out = self._update(T, labels, codes, name)
             if T.is_floating_point():
-                self.input_eps = max(self.input_eps, float(torch.finfo(T.dtype).eps))
+                self.input_eps = max(self.input_eps, input_rounding(T.dtype))
             return out
         except Exception:
             (
@@ -730,22 +738,98 @@ def _has_repeats(key: np.ndarray, n_keys: int) -> bool:
     return np.unique(key).size < key.size
 
 
-def _products_underflow(blocks: Iterator[tuple[torch.Tensor, torch.Tensor, Any]]) -> bool:
-    """Whether the largest ``|a|·|b|`` of the blocks' rows is positive but below
-    :data:`TINY_CROSS64` (products lost to float64's subnormals, not a zero or
-    cancelling cross-product). One more pass over the pairs: rare path only."""
-    amax = bmax = 0.0
-    for a, b, _ in blocks:
-        amax = max(amax, float(torch.linalg.vector_norm(a, float("inf"))))
-        bmax = max(bmax, float(torch.linalg.vector_norm(b, float("inf"))))
+def cross_underflows(big: float, n: int, extremes: Callable[[], tuple[float, float]]) -> bool:
+    """Whether float64 pair products underflowed (:data:`TINY_CROSS64`).
+
+    Parameters
+    ----------
+    big : float
+        Largest ``|entry|`` of the cross-product ``S = Σ (a − k_a)(b − k_b)ᵀ`` of
+        ``n`` pairs of rows shifted by their reference rows ``k``.
+    n : int
+        The number of pairs.
+    extremes : callable
+        Returns ``(max|a − k_a|, max|b − k_b|)``: one more pass over the pairs,
+        called only on the rare path (``big < n · TINY_CROSS64``).
+
+    Returns
+    -------
+    bool
+        True when the largest product ``max|a − k_a| · max|b − k_b|`` is positive but
+        below :data:`TINY_CROSS64` (every product subnormal); a zero cross-product
+        (e.g. rows equal to their reference row) is not an underflow.
+
+    Notes
+    -----
+    ``|S_ij| ≤ n · max|a − k_a| · max|b − k_b|``, so ``big ≥ n · TINY_CROSS64``
+    proves the largest product normal without looking at the rows: normal-scale
+    data never take the extra pass.
+    """
+    if big >= n * TINY_CROSS64:
+        return False
+    amax, bmax = extremes()
     if amax == 0.0 or bmax == 0.0:
         return False
     return math.log2(amax) + math.log2(bmax) < math.log2(TINY_CROSS64)
 
 
+def _shifted_extremes(
+    blocks: Iterator[tuple[torch.Tensor, torch.Tensor, Any]], da: torch.Tensor, db: torch.Tensor
+) -> tuple[float, float]:
+    """``(max|a + δ_a|, max|b + δ_b|)`` over the blocks of centred pairs: the largest
+    ``|a − k_a|``, ``|b − k_b|`` of the rows shifted by the reference rows (``δ = c − k``),
+    from the columns' extremes (no shifted copy). One more pass: rare path only."""
+    ext: list[list[torch.Tensor]] = [[], []]
+    for a, b, _ in blocks:
+        for i, (x, shift) in enumerate(((a, da), (b, db))):
+            lo, hi = torch.aminmax(x, dim=0)
+            ext[i].append(torch.maximum((lo + shift).abs(), (hi + shift).abs()))
+    return tuple(float(torch.stack(e).max()) if e else 0.0 for e in ext)  # type: ignore[return-value]
+
+
+def cross_range_error(lab: Hashable, *, overflow: bool) -> ValueError:
+    """The error for float64 pair products out of range (same text on every path)."""
+    if overflow:
+        return ValueError(
+            f"the products of the rows of language {lab!r} with their pivot partners "
+            "overflowed float64 (rows of magnitude ~1e154 or more). The orthogonal map "
+            "does not depend on the scale of the data: divide X by a constant (e.g. its "
+            "largest |value|) before fitting."
+        )
+    return ValueError(
+        f"the products of the rows of language {lab!r} with their pivot partners "
+        "underflow float64 (rows of magnitude ~1e-154 or less: every product is below "
+        "the smallest normal float64, 2.2e-308, and its digits are lost to subnormal "
+        "numbers). The orthogonal map does not depend on the scale of the data: multiply "
+        "X by a constant (e.g. 1 / its largest |value|) before fitting."
+    )
+
+
 def _plain(value: Any) -> Any:
     """A numpy scalar as the Python value (``5``, not ``np.int64(5)``, in messages)."""
     return value.item() if isinstance(value, np.generic) else value
+
+
+def input_rounding(dtype: Any) -> float:
+    """The relative rounding a batch of this dtype brings into the statistics.
+
+    float32/float64: their ``eps`` (float32 data centred in float32 keep residual
+    means of that order, which LSAR's rank cut must not mistake for language
+    directions). Half precision (float16, bfloat16) counts as float32: those values
+    are stored encoder outputs whose rounding is random and averages out in the
+    means, and every statistic of them is computed in float32 or wider — their own
+    ``eps`` (1e-3, 8e-3) would make the cut remove real language differences of
+    data with a common offset (numpy float16 at offset 300 lost both directions).
+    """
+    dt = dtype if isinstance(dtype, torch.dtype) else None
+    if dt is None:
+        npdt = np.dtype(dtype)
+        if npdt.kind != "f":
+            return 0.0
+        return float(np.finfo(np.float32 if npdt.itemsize < 4 else npdt).eps)
+    if not dt.is_floating_point:
+        return 0.0
+    return float(torch.finfo(torch.float32 if dt.itemsize < 4 else dt).eps)
 
 
 class PairMoments:
@@ -769,8 +853,9 @@ class PairMoments:
     the languages' offsets, whatever the chunking of the stream.  float32 rows whose
     products overflow (|x| ≳ 1e19) or fall into subnormals (|x| ≲ 1e-19) are paired
     again in float64 (a d×d check decides; normal scales never pay for it); float64
-    rows beyond float64's range of products (≳ 1e154, ≲ 1e-146) raise a
-    ``ValueError`` asking for a rescale (the orthogonal maps are scale-free).
+    rows beyond float64's range of products (≳ 1e154; ≲ 1e-154, where every product
+    is subnormal: :data:`TINY_CROSS64`) raise a ``ValueError`` asking for a rescale
+    (the orthogonal maps are scale-free), on the numpy and the dask path alike.
     """
 
     def __init__(self, pivot: Hashable):
@@ -832,8 +917,11 @@ class PairMoments:
         is not finite, the pairs of this call are formed again in float64 (``cdt``),
         where the products of any float32 values are in range.  Normal-scale data
         never take that path.  float64 rows whose products overflow (≳1e154) or
-        underflow (≲1e-146) cannot be accumulated in float64: a ``ValueError`` names
-        the fix (rescale ``X``).
+        underflow (≲1e-154: the largest product ``max|a − k_a|·max|b − k_b|`` of the rows
+        shifted by the reference rows below :data:`TINY_CROSS64`, decided by
+        :func:`cross_underflows` on the shifted d×d cross-product, with one more pass
+        over the pairs only when its largest entry is below ``n·TINY_CROSS64``) cannot
+        be accumulated in float64: a ``ValueError`` names the fix (rescale ``X``).
         """
         piv = self._pivot_rows
         cdt = compute_dtype(src_a.dtype) if cdt is None else cdt
@@ -909,25 +997,19 @@ class PairMoments:
             )
             return
         if not finite:
-            raise ValueError(
-                f"the products of the rows of language {lab!r} with their pivot partners "
-                "overflowed float64 (rows of magnitude ~1e154 or more). The orthogonal map "
-                "does not depend on the scale of the data: divide X by a constant (e.g. its "
-                "largest |value|) before fitting."
-            )
-        if big < TINY_CROSS64 and _products_underflow(blocks()):
-            raise ValueError(
-                f"the products of the rows of language {lab!r} with their pivot partners "
-                "underflow float64 (rows of magnitude ~1e-146 or less: their digits are lost "
-                "to subnormal numbers). The orthogonal map does not depend on the scale of "
-                "the data: multiply X by a constant (e.g. 1 / its largest |value|) before "
-                "fitting."
-            )
+            raise cross_range_error(lab, overflow=True)
         da = torch.from_numpy(ca - shift_a).to(dev)
         db = torch.from_numpy(piv.centre - shift_b).to(dev)
         S += torch.outer(da, sb + n * db) + torch.outer(sa, db)
         sa += n * da
         sb += n * db
+        # underflow, decided on S = Σ(a−k_a)(b−k_b)ᵀ of the rows shifted by the reference
+        # rows: the cross-product the dask path forms, so both paths raise alike
+        if cdt == torch.float64:
+            lo, hi = torch.aminmax(S)
+            big = max(-float(lo), float(hi))
+            if cross_underflows(big, n, lambda: _shifted_extremes(blocks(), da, db)):
+                raise cross_range_error(lab, overflow=False)
         if lab not in self.S:
             self.S[lab] = np.zeros((d, d))
             self.sa[lab] = np.zeros(d)

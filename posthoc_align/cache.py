@@ -991,6 +991,12 @@ class EmbeddingCache:
                         bar.update(b - a)
                     elif callable(progress):
                         progress(b - offset, total - offset)
+            except BaseException:
+                # a build stopped part-way still reports the truncations of the chunks
+                # it encoded (a resumed build counts only the rows it encodes itself)
+                if tally is not None and tally.truncated:
+                    warnings.warn(tally.message(), stacklevel=2)
+                raise
             finally:
                 if bar is not None:
                     bar.close()

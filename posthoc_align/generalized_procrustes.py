@@ -54,7 +54,8 @@ class GeneralizedProcrustes(LanguageTransformerMixin):
     ``b``. Frame: GPA fixes the maps only up to one global rotation ``R``; at the
     end every map is turned by the ``R`` that maximises ``Σ_l tr(W_l R)`` (polar
     factor of ``(Σ_l W_l)ᵀ``), the common frame closest to the languages' own
-    frames. So no language is privileged and the result does not depend on the
+    frames (the sign of a null direction of ``Σ_l W_l``, e.g. for two languages
+    related by a reflection, is fixed by the data: see ``_common_frame``). So no language is privileged and the result does not depend on the
     order of languages or rows, nor on the start (up to rounding, where GPA
     reaches the same optimum). Where the languages' own frames are far apart
     (``Σ_l W_l`` nearly singular, e.g. unrelated random rotations) that closest
@@ -353,7 +354,8 @@ class GeneralizedProcrustes(LanguageTransformerMixin):
             self.n_iter, self.tol, dev,
         )  # fmt: skip
         self.rotations_ = W
-        self.objective_ = np.asarray(history)
+        # the statistics are those of the rows times 2⁻ᵉ (see _gpa_stats_dask)
+        self.objective_ = np.ldexp(np.asarray(history), 2 * stats.get("exponent", 0))
         self.n_iter_ = len(history) - 1
         self.converged_ = converged
 
@@ -564,14 +566,39 @@ def _start_order(
     return order
 
 
-def _common_frame(maps: list[np.ndarray], device: Any) -> np.ndarray:
-    """The global rotation ``R`` maximising ``Σ_l tr(W_l R)``: polar factor of ``(Σ W_l)ᵀ``.
+def _common_frame(maps: list[np.ndarray], grams: list[np.ndarray]) -> np.ndarray:
+    """The orthogonal ``R`` maximising ``Σ_l tr(W_l R)``: polar factor of ``(Σ_l W_l)ᵀ``.
 
     GPA determines the maps only up to ``W_l ↦ W_l R``; this ``R`` puts the
-    consensus in the orthogonal frame closest to the languages' own frames, the
-    same whatever the start or the order of languages.
+    consensus in the orthogonal frame closest to the languages' own frames. It is
+    covariant (maps turned by any ``R'`` give ``R'ᵀ R``), so the final maps are the
+    same whatever the start or the order of languages. Where ``Σ_l W_l`` has one
+    null direction ``u`` (always for two languages related by a reflection:
+    ``W_a W_bᵀ`` has an eigenvalue −1) both signs of it maximise the sum — the two
+    candidate outputs differ by the reflection ``I − 2uuᵀ``, and for two languages
+    they hold the same maps, swapped between the languages — so rounding, or the
+    start, would pick one. The sign is then fixed by the data: the candidate with
+    the larger ``Σ_l 1ᵀ Rᵀ W_lᵀ G_l W_l R 1`` (``G_l`` the Gram matrix of the
+    language's paired rows, ``grams``), the same for any start, language order or
+    rounding. (Two or more null directions need exact symmetries; left to the SVD.)
     """
-    return orthogonal_map(np.sum(maps, axis=0).T, device)
+    A = np.sum(maps, axis=0)
+    U, s, Vt = np.linalg.svd(A)
+    R = Vt.T @ U.T
+    null = s <= 1e-8 * s[0] if s.size and s[0] > 0 else np.zeros(s.size, dtype=bool)
+    if int(null.sum()) == 1:
+        flip = R - 2.0 * np.outer(Vt[-1], U[:, -1])
+
+        def score(Rc: np.ndarray) -> float:
+            total = 0.0
+            for W, G in zip(maps, grams, strict=True):
+                v = W @ Rc.sum(axis=1)  # W R 1
+                total += float(v @ G @ v)
+            return total
+
+        if score(flip) > score(R):
+            R = flip
+    return R
 
 
 def _stop(history: list[float], tol: float, scale: float, change: float) -> bool:
@@ -651,7 +678,12 @@ def _gpa(
         if _stop(history, tol, scale, change):
             converged = True
             break
-    R = _common_frame([w.cpu().numpy() for w in W.values()], dev)
+    grams = []
+    for g in W:
+        lo, hi = bounds[g]
+        Yw = Y[lo:hi] * m[pidx[lo:hi]].rsqrt()[:, None]  # Σ_p y_pᵀ y_p / m_p, as M_ll
+        grams.append((Yw.T @ Yw).cpu().numpy())
+    R = _common_frame([w.cpu().numpy() for w in W.values()], grams)
     return {g: w.cpu().numpy() @ R for g, w in W.items()}, history, converged
 
 
@@ -708,6 +740,17 @@ def _gpa_stats_dask(X: Any, langs: np.ndarray, pids: np.ndarray, center: bool) -
 
     The products are formed on rows shifted by ``X[0]`` and centred on the client
     (the means come from the same pass): ``y = y' − δ_l``, ``y' = x − s``.
+
+    Scale (the maps are scale-free, as in :meth:`GeneralizedProcrustes._solve`):
+    the products run on ``2⁻ᵉ·y'``, an exact power of two, so that rows of 1e-200
+    or 1e160 give the statistics of rows of 1 instead of products lost to
+    subnormals or overflowed. ``e`` is 0 for rows of normal scale (the pass is then
+    unchanged); where ``|X[0]|`` is beyond ``2^±256`` it is taken from ``X[0]``. If
+    the column sums of squares ``Σ(2⁻ᵉy')²`` still fall outside ``2^±512`` (rows far
+    smaller or larger than ``X[0]``: rare), the largest ``|y'|`` is computed and the
+    products are formed again with the right ``e`` (two more passes). The returned
+    ``M`` and ``total_sq`` are those of ``2⁻ᵉ·y``, and ``"exponent"`` is ``e``
+    (the objective scales by ``2²ᵉ``).
     """
     import dask
     import dask.array as da
@@ -723,18 +766,39 @@ def _gpa_stats_dask(X: Any, langs: np.ndarray, pids: np.ndarray, center: bool) -
     mask = layout >= 0
     todo: dict[str, Any] = {"moments": moments_tree(X, codes, labs, shift, False)}
     P = layout.shape[0]
+    safe = 256  # |e| of the row scale whose products are far from over-/underflow
+
+    def exponent(top: float) -> int:
+        # 2⁻ᵉ must stay a normal float64 (rows of 2⁻¹⁰⁷⁴ or 2¹⁰²³ come to 2^∓74, 2²³)
+        return min(max(math.frexp(top)[1], -1000), 1000) if 0.0 < top < math.inf else 0
+
+    e = exponent(float(np.abs(s).max()) if s.size else 0.0)
+    e = e if abs(e) > safe else 0
     if P:
         w = 1.0 / mask.sum(1)
         step = max(1, int(np.median(X.chunks[0])) // n_lang)  # rows of the P × (L·d) matrix
-        Yg = X[np.where(mask, layout, 0).ravel()].astype(np.float64) - s
-        Yg = Yg * da.from_array(mask.ravel().astype(np.float64), chunks=step * n_lang)[:, None]
-        Yg = Yg.rechunk((step * n_lang, d))
-        Y = Yg.reshape(P, n_lang, d).reshape(P, n_lang * d).rechunk((step, -1))
-        wd = da.from_array(w, chunks=step)
-        todo["G"] = da.matmul(Y.T, Y * wd[:, None])
-        todo["H"] = da.matmul(Y.T, da.from_array(mask * w[:, None], chunks=(step, -1)))
-        todo["cs"] = Y.sum(axis=0)
-        todo["sq"] = (Y * Y).sum(axis=0)
+        rows = np.where(mask, layout, 0).ravel()
+        keep = mask.ravel().astype(np.float64)
+
+        def scaled_rows(e: int) -> Any:
+            """The ``P × (L·d)`` matrix of ``2⁻ᵉ·y'`` (0 where a language lacks the id)."""
+            Yg = X[rows].astype(np.float64) - s
+            # the scale rides on the mask's multiplication (no extra pass; exact)
+            Yg = Yg * da.from_array(np.ldexp(keep, -e), chunks=step * n_lang)[:, None]
+            Yg = Yg.rechunk((step * n_lang, d))
+            return Yg.reshape(P, n_lang, d).reshape(P, n_lang * d).rechunk((step, -1))
+
+        def products(e: int) -> dict[str, Any]:
+            Y = scaled_rows(e)
+            wd = da.from_array(w, chunks=step)
+            return {
+                "G": da.matmul(Y.T, Y * wd[:, None]),
+                "H": da.matmul(Y.T, da.from_array(mask * w[:, None], chunks=(step, -1))),
+                "cs": Y.sum(axis=0),
+                "sq": (Y * Y).sum(axis=0),
+            }
+
+        todo.update(products(e))
     (res,) = dask.compute(todo)
     m = res["moments"]
     out: dict[str, Any] = {
@@ -744,10 +808,24 @@ def _gpa_stats_dask(X: Any, langs: np.ndarray, pids: np.ndarray, center: bool) -
         "shared": mask.T.astype(np.int64) @ mask.astype(np.int64),
         "M": None,
         "total_sq": 0.0,
+        "exponent": 0,
     }
     if not P:
         return out
     delta = (m.means() - s) if center else np.tile(-s, (n_lang, 1))  # y = y' − δ_l
+    sq_top = float(np.max(res["sq"]))
+    d_top = float(np.abs(np.ldexp(delta, -e)).max())
+    if not (2.0**-512 <= sq_top <= 2.0**512 and d_top <= 2.0**safe):
+        # rare: rows far from the scale of X[0]; their largest |y'| (one pass), then
+        # the products on rows of unit scale (one more)
+        amax = float(dask.compute(abs(scaled_rows(e)).max())[0])
+        top = max(float(np.ldexp(amax, e)), float(np.abs(delta).max()))
+        if 0.0 < top < math.inf:
+            e = exponent(top)
+            (new,) = dask.compute(products(e))
+            res.update(new)
+    out["exponent"] = e
+    delta = np.ldexp(delta, -e)
     K = (mask * w[:, None]).T @ mask.astype(np.float64)
     G = np.asarray(res["G"]).reshape(n_lang, d, n_lang, d)
     H = np.asarray(res["H"]).reshape(n_lang, d, n_lang)
@@ -817,6 +895,8 @@ def _gpa_moments(
             converged = True
             break
     Wn = W.reshape(n_lang, d, d).cpu().numpy()
-    R = _common_frame([Wn[g] for g in present], dev)
+    Mn = Mt.cpu().numpy()
+    grams = [Mn[int(g) * d : (int(g) + 1) * d, int(g) * d : (int(g) + 1) * d] for g in present]
+    R = _common_frame([Wn[g] for g in present], grams)
     Wn[present] = Wn[present] @ R
     return Wn, history, converged

@@ -54,6 +54,12 @@ def _checked(X: Any, langs: Any, pids: Any, what: str):
 
 def _check_test_fraction(test_fraction: Any) -> float:
     """``test_fraction`` as a float in the open interval (0, 1), else a ValueError."""
+    if (
+        isinstance(test_fraction, np.ndarray)
+        and test_fraction.ndim == 0
+        and test_fraction.dtype.kind == "f"
+    ):
+        test_fraction = test_fraction.item()  # a 0-d float array, e.g. np.array(0.5)
     if isinstance(test_fraction, bool) or not isinstance(test_fraction, numbers.Real):
         raise ValueError(
             f"test_fraction must be a float in the open interval (0, 1), the share of "

@@ -286,3 +286,27 @@ def test_numeric_object_array_still_accepted():
     Z = LanguageMeanCentering().fit_transform(X, languages=list("aabb"))
     assert Z.dtype == np.float64
     np.testing.assert_allclose(Z, [[-1, -1], [1, 1], [-1, -1], [1, 1]])
+
+
+def test_lsar_float16_with_an_offset_keeps_its_language_directions():
+    """numpy float16 counted with float16's eps in the rank cut: with an offset of 300 both
+    language directions were cut and LSAR returned its input (regression review)."""
+    import warnings
+
+    from posthoc_align import LSAR
+
+    rng = np.random.default_rng(0)
+    n, d = 9000, 8
+    codes = rng.integers(0, 3, n)
+    langs = np.array(["a", "b", "c"])[codes]
+    M = rng.normal(size=(3, d))
+    X16 = (rng.normal(size=(n, d)) + 300.0 + M[codes]).astype(np.float16)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # no "rounding cut" warning either
+        e16 = LSAR().fit(X16, languages=langs)
+        e16t = LSAR().fit(torch.from_numpy(X16), languages=langs)
+    e64 = LSAR().fit(X16.astype(np.float64), languages=langs)
+    assert e16.n_components_ == e16t.n_components_ == e64.n_components_ == 2
+    out = e16.transform(X16).astype(np.float64)
+    ref = e64.transform(X16.astype(np.float64))
+    assert np.abs(out - ref).max() <= 0.25  # float16's spacing at 300

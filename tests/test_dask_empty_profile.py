@@ -137,3 +137,15 @@ def test_profile_test_fraction_accepts_numpy_float():
         test_fraction=np.float32(0.25),
     )
     assert rows and all(np.isfinite(r["value"]) for r in rows)
+
+
+def test_profile_test_fraction_accepts_a_0d_float_array():
+    """np.array(0.5) worked before the check came in (regression review)."""
+    rows = alignment_profile(
+        None,
+        _profile_data(),
+        {"centring": pa.LanguageMeanCentering()},
+        metrics=("retrieval_cosine",),
+        test_fraction=np.array(0.5),
+    )
+    assert rows and all(np.isfinite(r["value"]) for r in rows)

@@ -181,3 +181,30 @@ def test_build_without_truncation_does_not_warn(tmp_path):
         warnings.simplefilter("always")
         EmbeddingCache.build(tmp_path / "c.zarr", enc, TEXTS, chunk_rows=2)
     assert not _truncation_warnings(caught)
+
+
+def test_build_stopped_part_way_still_reports_its_truncations(tmp_path):
+    """The tally was dropped when build raised: truncated rows already written were never
+    reported (regression review)."""
+    enc = HFEncoder(_bert(), _tokenizer(), device="cpu", max_length=6, show_progress_bar=False)
+    texts = [LONG] * 5 + ["the cat"] * 3
+
+    class Flaky:  # fails on its third chunk
+        def __init__(self, e):
+            self.e, self.n = e, 0
+
+        def __getattr__(self, k):
+            return getattr(self.e, k)
+
+        def encode(self, t, **kw):
+            self.n += 1
+            if self.n > 2:
+                raise RuntimeError("boom")
+            return self.e.encode(t, **kw)
+
+    with warnings.catch_warnings(record=True) as rec:
+        warnings.simplefilter("always")
+        with pytest.raises(RuntimeError, match="boom"):
+            EmbeddingCache.build(tmp_path / "c.zarr", Flaky(enc), texts, chunk_rows=3)
+    msgs = [str(w.message) for w in rec if "truncated" in str(w.message)]
+    assert len(msgs) == 1 and msgs[0].startswith("5 of 6 texts")

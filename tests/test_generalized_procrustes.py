@@ -502,3 +502,29 @@ def test_maps_do_not_depend_on_the_data_scale(rng, scale):
     np.testing.assert_allclose(est.rotations_, ref.rotations_, atol=1e-9)
     if scale >= 1e-150:
         np.testing.assert_allclose(est.objective_, ref.objective_ * scale**2, rtol=1e-9)
+
+
+def test_frame_of_two_languages_related_by_a_reflection_is_determined():
+    """Σ W_l is singular there: the frame's sign along its null direction came from
+    rounding or from which language the start placed first (outputs 8.7 apart)."""
+    import dask.array as da
+
+    rng = np.random.default_rng(0)
+    n, d = 300, 6
+    S = rng.normal(size=(n, d)) * np.linspace(1, 3, d)
+    Q = ortho_group.rvs(d, random_state=1)
+    if np.linalg.det(Q) > 0:
+        Q[:, 0] *= -1
+    X = np.vstack([S + 0.3 * rng.normal(size=S.shape), (S + 0.3 * rng.normal(size=S.shape)) @ Q])
+    L, P = np.repeat(["de", "fr"], n), np.tile(np.arange(n), 2)
+    kw = {"n_iter": 100, "tol": 0}
+    Z = GeneralizedProcrustes(**kw).fit(X, languages=L, pair_ids=P).transform(X, languages=L)
+    L2 = np.where(L == "de", "zz", "fr")  # the other language sorts (and starts) first
+    g = GeneralizedProcrustes(**kw).fit(X, languages=L2, pair_ids=P)
+    np.testing.assert_allclose(g.transform(X, languages=L2), Z, atol=1e-10)
+    g = GeneralizedProcrustes(**kw).fit(X * (1 + 1e-12), languages=L, pair_ids=P)
+    np.testing.assert_allclose(g.transform(X, languages=L), Z, atol=1e-10)
+    g = GeneralizedProcrustes(**kw).fit(X.astype(np.float32), languages=L, pair_ids=P)
+    np.testing.assert_allclose(g.transform(X, languages=L), Z, atol=1e-5)
+    g = GeneralizedProcrustes(**kw).fit(da.from_array(X, chunks=100), languages=L, pair_ids=P)
+    np.testing.assert_allclose(g.transform(X, languages=L), Z, atol=1e-10)
