@@ -9,9 +9,13 @@ precision and added into float64 accumulators, every language shifted by its own
 reference row (Chan, Golub & LeVeque 1983), so any chunking of the stream gives
 the same result up to rounding.  A float32 block whose products overflow or turn
 subnormal (rows of size beyond ~1e19 or below ~1e-16; read off the d×d result) is
-multiplied again scaled by a power of two, so the scatter is right at any scale
-float64 can hold.  Two objects filled from different parts of the
-data combine exactly with :meth:`ScatterMoments.merge`.
+multiplied again scaled by a power of two, so a float32 scatter is right at any
+scale.  float64 rows whose squares leave float64's range cannot be accumulated in
+float64: a scatter that overflows (rows of size ≳ 1e154) or whose products are all
+subnormal (rows varying by ≲ 1e-154) raises a ``ValueError`` asking for a rescale,
+and :meth:`~ScatterMoments.update` / :meth:`~ScatterMoments.merge` are all or
+nothing (a rejected batch leaves the statistics as they were).  Two objects filled
+from different parts of the data combine exactly with :meth:`ScatterMoments.merge`.
 
 Memory is ``n_languages × d × d`` float64 on the host (e.g. 10 languages at
 d = 768: 47 MB), the price of per-language covariances.
@@ -28,7 +32,7 @@ import numpy as np
 import torch
 
 from ._backend import block_rows, compute_dtype
-from ._stats import BLOCK_ROWS, LanguageMoments, _labels_list, row_blocks
+from ._stats import BLOCK_ROWS, TINY_CROSS64, LanguageMoments, _labels_list, row_blocks
 from ._validation import raise_non_finite
 
 __all__ = ["ScatterMoments", "check_finite_rows"]
@@ -96,6 +100,60 @@ def _scaled_gram(Y: torch.Tensor) -> torch.Tensor:
     return torch.ldexp((Ys.T @ Ys).to(torch.float64), torch.tensor(2 * e, device=Y.device))
 
 
+def _overflow_error(what: str, name: str) -> ValueError:
+    return ValueError(
+        f"the scatter {what} overflows float64 (rows of magnitude ~1e154 or more: their "
+        f"squares exceed the largest float64, ~1.8e308). The language axes and scores do "
+        f"not depend on the scale of the data: divide {name} by a constant (e.g. its "
+        "largest |value|) before fitting."
+    )
+
+
+def _underflow_error(name: str) -> ValueError:
+    return ValueError(
+        "the within-language scatter underflows float64 (rows varying by ~1e-154 or "
+        "less: every product of their deviations is below the smallest normal float64, "
+        "2.2e-308, and its digits are lost to subnormal numbers, down to 0). The language "
+        "axes and scores do not depend on the scale of the data: multiply "
+        f"{name} by a constant (e.g. 1 / its largest |value|) before fitting."
+    )
+
+
+def _largest_deviation(T: torch.Tensor, gcodes: np.ndarray, shift: np.ndarray) -> float:
+    """``max |x − s_l|`` over the rows of ``T`` (float64; one more pass, rare path)."""
+    dev = T.device
+    sh = torch.from_numpy(shift).to(dev)
+    g = torch.from_numpy(gcodes).to(dev)
+    big = 0.0
+    for sl in row_blocks(T.shape[0]):
+        dx = T[sl].to(torch.float64) - sh.index_select(0, g[sl])
+        if dx.numel():
+            big = max(big, float(dx.abs().max()))
+    return big
+
+
+class _OwnRowMoments(LanguageMoments):
+    """:class:`~posthoc_align._stats.LanguageMoments` with every language shifted by
+    its own first row.
+
+    First moments alone share one reference row (exact enough for sums), but a
+    scatter ``Q − a aᵀ / n`` formed about another language's row cancels
+    catastrophically when the languages are far apart relative to their spread
+    (10⁴ apart with a spread of 10⁻³: 2e-2 relative error in ``S_w``), as a
+    variance does: scatters take the second-moment rule.
+    """
+
+    def _reference_rows(self, T: torch.Tensor, codes: np.ndarray, new: list[int]) -> np.ndarray:
+        first = np.full(int(codes.max()) + 1, -1, dtype=np.int64)
+        idx = np.arange(len(codes) - 1, -1, -1)
+        first[codes[idx]] = idx  # reversed assignment keeps the first occurrence
+        take = torch.from_numpy(first[new]).to(T.device)
+        rows = T.index_select(0, take).to(torch.float64).cpu().numpy()
+        if not np.isfinite(rows).all():
+            raise_non_finite(T)
+        return rows
+
+
 class ScatterMoments:
     """Per-language counts, sums and d×d scatter matrices of rows, streamed.
 
@@ -124,7 +182,7 @@ class ScatterMoments:
     """
 
     def __init__(self) -> None:
-        self.moments = LanguageMoments(compensated=True)
+        self.moments: LanguageMoments = _OwnRowMoments(compensated=True)
         self.scatter: np.ndarray | None = None
 
     # -- streaming ------------------------------------------------------------
@@ -133,24 +191,34 @@ class ScatterMoments:
     ) -> ScatterMoments:
         """Add the rows of ``T`` (torch, any device) with language ``labels[codes]``.
 
-        Non-finite input raises before anything is added.
+        All or nothing: non-finite input, or float64 rows whose scatter leaves
+        float64's range (see the module notes), raise a ``ValueError`` and leave the
+        statistics as they were.
         """
         if T.shape[0] == 0:
             return self
         check_finite_rows(T, name)
+        m = self.moments
+        # LanguageMoments rebinds its arrays on update: references restore it exactly
+        saved = dict(vars(m), labels=list(m.labels), index=dict(m.index))
+        try:
+            return self._update(T, labels, codes, name)
+        except Exception:
+            vars(m).update(saved)
+            raise
+
+    def _update(
+        self, T: torch.Tensor, labels: np.ndarray, codes: np.ndarray, name: str
+    ) -> ScatterMoments:
         m = self.moments.update(T, labels, codes, name=name)
         L, d = len(m.labels), T.shape[1]
-        if self.scatter is None:
-            self.scatter = np.zeros((0, d, d))
-        if self.scatter.shape[0] < L:
-            pad = np.zeros((L - self.scatter.shape[0], d, d))
-            self.scatter = np.concatenate([self.scatter, pad])
         lut = np.array([m.index.get(lab, -1) for lab in _labels_list(labels)], dtype=np.int64)
         gcodes = lut[codes]
         dev = T.device
         order = np.argsort(gcodes, kind="stable")
         bounds = np.searchsorted(gcodes[order], np.arange(L + 1))
         perm = torch.from_numpy(order).to(dev)
+        added: dict[int, np.ndarray] = {}
         for g in range(L):
             lo, hi = int(bounds[g]), int(bounds[g + 1])
             if lo == hi:
@@ -159,8 +227,67 @@ class ScatterMoments:
             acc, in_range = _group_scatter(T, perm[lo:hi], shift)
             if not bool(in_range):  # rare: float32 products overflowed or were subnormal
                 acc, _ = _group_scatter(T, perm[lo:hi], shift, rescale=True)
-            self.scatter[g] += acc.cpu().numpy()
+            added[g] = acc.cpu().numpy()
+        diags = self._checked_sums(added, m.labels, name)
+        if self._underflows(diags, lambda: _largest_deviation(T, gcodes, m.shift)):
+            raise _underflow_error(name)
+        # every check passed: commit
+        scat = self.scatter if self.scatter is not None else np.zeros((0, d, d))
+        if scat.shape[0] < L:
+            scat = np.concatenate([scat, np.zeros((L - scat.shape[0], d, d))])
+        for g, acc in added.items():
+            scat[g] += acc
+        self.scatter = scat
         return self
+
+    def _checked_sums(
+        self, added: dict[int, np.ndarray], labels: list[Hashable], name: str
+    ) -> dict[int, np.ndarray]:
+        """The diagonals of ``Q_l + added[l]``, or a ``ValueError`` if a sum leaves float64.
+
+        Checks each added matrix (min and max: no copy), the new diagonals and the
+        pooled trace ``Σ_l trace(Q_l)``; the off-diagonal entries are bounded by the
+        diagonal ones (Cauchy–Schwarz), so the committed sums and :meth:`within` are
+        finite too. d×d reads and d-vectors only: the caller then adds in place.
+        """
+        n_old = 0 if self.scatter is None else self.scatter.shape[0]
+        old = self.scatter.diagonal(axis1=1, axis2=2) if n_old else None  # a view
+        diags: dict[int, np.ndarray] = {}
+        for g, acc in added.items():
+            diag = old[g] + acc.diagonal() if g < n_old else acc.diagonal().copy()
+            finite = acc.size == 0 or np.isfinite(acc.min()) and np.isfinite(acc.max())
+            if not (finite and np.isfinite(diag).all()):
+                raise _overflow_error(f"of the rows of language {labels[g]!r}", name)
+            diags[g] = diag
+        total = sum(float(diag.sum()) for diag in diags.values())
+        if n_old:
+            total += sum(float(old[g].sum()) for g in range(n_old) if g not in diags)
+        if not np.isfinite(total):
+            raise _overflow_error("pooled over the languages", name)
+        return diags
+
+    def _underflows(self, diags: dict[int, np.ndarray], largest_deviation) -> bool:
+        """Whether the batch's products of deviations were all subnormal (digits lost).
+
+        ``diags`` are the diagonals of the candidate scatters of the batch's
+        languages (not yet committed); ``largest_deviation()`` returns
+        ``max |x − s_l|`` over the batch (one more pass, taken only when the pooled
+        diagonal is below ``N · 2⁻¹⁰²²``: for normal-scale data, only when every row
+        equals its reference row). As with
+        :func:`~posthoc_align._stats.cross_underflows`: while the largest product is
+        normal, the subnormal rounding of the others is no worse than ordinary
+        rounding; a zero scatter (identical rows) is not an underflow.
+        """
+        n_old = 0 if self.scatter is None else self.scatter.shape[0]
+        old = self.scatter.diagonal(axis1=1, axis2=2) if n_old else np.zeros((0, 0))
+        if old.size and float(old.max()) >= TINY_CROSS64:
+            return False  # earlier rows already have normal products
+        diag = sum(diags.values())
+        diag = diag + sum(old[g] for g in range(n_old) if g not in diags)
+        if float(np.max(diag)) >= float(self.counts.sum()) * TINY_CROSS64:
+            return False
+        big = largest_deviation()
+        return 0.0 < big < 2.0**-511  # its square, the largest product, is subnormal
 
     @classmethod
     def with_shifts(cls, labels: list[Hashable], shift: np.ndarray) -> ScatterMoments:
@@ -170,17 +297,19 @@ class ScatterMoments:
         correction terms vanish), which is how block-wise (dask) scatters combine.
         """
         s = cls()
-        s.moments = LanguageMoments.with_shifts(labels, shift, compensated=True)
+        s.moments = _OwnRowMoments.with_shifts(labels, shift, compensated=True)
         d = s.moments.shift.shape[1]
         s.scatter = np.zeros((len(s.moments.labels), d, d))
         return s
 
-    def merge(self, other: ScatterMoments) -> ScatterMoments:
+    def merge(self, other: ScatterMoments, *, name: str = "X") -> ScatterMoments:
         """Add the statistics of ``other`` (rows seen elsewhere) to these, exactly.
 
         ``other``'s sums are re-expressed about this object's reference rows
         (``Σ(y + δ) = Σy + nδ``, ``Σ(y + δ)(y + δ)ᵀ = Q + aδᵀ + δaᵀ + nδδᵀ``
         with ``δ = s_other − s_self``); languages new to this object are appended.
+        All or nothing: a sum that overflows float64 raises a ``ValueError`` and
+        leaves these statistics as they were.
         """
         om = other.moments
         if om.sums is None:
@@ -191,27 +320,47 @@ class ScatterMoments:
                 f"cannot merge moments of {om.n_features} features into moments of "
                 f"{m.n_features} features"
             )
-        if m.sums is None:
-            d = om.n_features
-            m.shift, m.sums, m.counts = np.zeros((0, d)), np.zeros((0, d)), np.zeros(0)
-            self.scatter = np.zeros((0, d, d))
+        d = om.n_features
+        labels = list(m.labels)
+        index = dict(m.index)
+        shift = m.shift if m.shift is not None else np.zeros((0, d))
+        sums = m.sums.copy() if m.sums is not None else np.zeros((0, d))
+        counts = m.counts.copy() if m.sums is not None else np.zeros(0)
+        n_old = len(labels)
+        added: dict[int, np.ndarray] = {}
+        fresh_shift, fresh_sums, fresh_counts = [], [], []
         for j, lab in enumerate(om.labels):
             n_o, a_o, Q_o = om.counts[j], om.sums[j], other.scatter[j]
-            if lab not in m.index:
-                m.index[lab] = len(m.labels)
-                m.labels.append(lab)
-                m.shift = np.vstack([m.shift, om.shift[j][None]])
-                m.sums = np.vstack([m.sums, a_o[None]])
-                m.counts = np.concatenate([m.counts, [n_o]])
-                self.scatter = np.concatenate([self.scatter, Q_o[None]])
+            if lab not in index:
+                index[lab] = len(labels)
+                labels.append(lab)
+                fresh_shift.append(om.shift[j])
+                fresh_sums.append(a_o)
+                fresh_counts.append(n_o)
+                added[index[lab]] = Q_o
                 continue
-            i = m.index[lab]
-            delta = om.shift[j] - m.shift[i]
-            m.sums[i] += a_o + n_o * delta
-            self.scatter[i] += (
+            i = index[lab]
+            delta = om.shift[j] - shift[i]
+            sums[i] += a_o + n_o * delta
+            added[i] = (
                 Q_o + np.outer(a_o, delta) + np.outer(delta, a_o) + n_o * np.outer(delta, delta)
             )
-            m.counts[i] += n_o
+            counts[i] += n_o
+        if fresh_shift:
+            shift = np.vstack([shift, fresh_shift])
+            sums = np.vstack([sums, fresh_sums])
+            counts = np.concatenate([counts, fresh_counts])
+        if not np.isfinite(sums).all():
+            raise _overflow_error("of the merged statistics", name)
+        self._checked_sums(added, labels, name)
+        # every check passed: commit
+        scat = self.scatter if self.scatter is not None else np.zeros((0, d, d))
+        if len(labels) > n_old:
+            scat = np.concatenate([scat, np.zeros((len(labels) - n_old, d, d))])
+        for g, acc in added.items():
+            scat[g] += acc
+        self.scatter = scat
+        m.labels, m.index, m.shift, m.sums, m.counts = labels, index, shift, sums, counts
         return self
 
     # -- reading --------------------------------------------------------------
@@ -230,7 +379,8 @@ class ScatterMoments:
     def scatters(self) -> np.ndarray:
         """Centred per-language scatter ``Σ (x − μ_l)(x − μ_l)ᵀ``, symmetrised, (L, d, d)."""
         a = self.moments.sums
-        S = self.scatter - np.einsum("li,lj->lij", a, a) / self.counts[:, None, None]
+        # (a / n) aᵀ, not a aᵀ / n: bounded by Q entry-wise, so it cannot overflow
+        S = self.scatter - np.einsum("li,lj->lij", a / self.counts[:, None], a)
         return (S + S.transpose(0, 2, 1)) / 2
 
     def within(self) -> np.ndarray:
@@ -252,7 +402,7 @@ class ScatterMoments:
     @classmethod
     def from_state(cls, meta: dict[str, Any], arrays: dict[str, np.ndarray]) -> ScatterMoments:
         s = cls()
-        s.moments = LanguageMoments.from_state(meta, arrays)
+        s.moments = _OwnRowMoments.from_state(meta, arrays)
         if "scatter" in arrays:
             s.scatter = np.asarray(arrays["scatter"], dtype=np.float64)
         return s

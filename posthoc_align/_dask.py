@@ -49,6 +49,7 @@ __all__ = [
     "reference_row",
     "scatter_tree",
     "shared_shifts",
+    "language_shifts",
     "transform_dask",
 ]
 
@@ -170,6 +171,32 @@ def shared_shifts(moments: Any, n_labels: int, X: Any) -> np.ndarray:
     else:
         ref = reference_row(X)
     return np.tile(ref, (n_labels, 1))
+
+
+def language_shifts(moments: Any, labels: list, codes: np.ndarray, X: Any) -> np.ndarray:
+    """Reference rows for ``labels``: each language's own row, as the numpy path keeps.
+
+    A language already in ``moments`` keeps its reference row (so its new sums add
+    without re-expression); a new one gets its first row in ``X`` (one small compute
+    for all of them). Own rows keep the digits of languages far apart from each
+    other (a row shared by every language leaves ``Q − a aᵀ / n`` to cancel).
+    """
+    from ._validation import raise_non_finite
+
+    d = int(X.shape[1])
+    shift = np.zeros((len(labels), d))
+    known = {} if moments is None or not moments.labels else moments.index
+    new = [i for i, lab in enumerate(labels) if lab not in known]
+    for i, lab in enumerate(labels):
+        if lab in known:
+            shift[i] = moments.shift[known[lab]]
+    if new:
+        first = [int(np.argmax(codes == i)) for i in new]
+        rows = np.asarray(X[np.array(first)].compute(), dtype=np.float64)
+        if not np.isfinite(rows).all():
+            raise_non_finite(rows)
+        shift[new] = rows
+    return shift
 
 
 def reference_row(X: Any) -> np.ndarray:

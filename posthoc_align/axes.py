@@ -127,7 +127,10 @@ class LanguageAxes(LanguageTransformerMixin):
     ``transform`` raises ``NotFittedError`` saying why. The eigenproblems and the
     scores are computed on the scatters divided by a power of two near their mean
     eigenvalue, so the axes and scores do not depend on the scale of ``X``
-    (float32 from ~1e-30 to ~1e30 included).
+    (float32 from ~1e-30 to ~1e30 included, float64 from ~1e-150 to ~1e150).
+    float64 rows whose squares leave float64's range (rows of size ≳ 1e154, or
+    varying by ≲ 1e-154) raise a ``ValueError`` asking to divide or multiply ``X``
+    by a constant; a ``partial_fit`` batch so rejected leaves the stream as it was.
 
     Dask arrays: ``fit``/``partial_fit`` of a dask ``X`` (``languages`` numpy or
     dask with ``X``'s row chunks) compute each row block's float64 scatter on the
@@ -241,8 +244,8 @@ class LanguageAxes(LanguageTransformerMixin):
         return self._solve_when_ready(dev, streaming)
 
     def _partial_fit_dask(self, X, languages, first: bool, streaming: bool):
-        """One dask pass: per-block scatters on shared shifts, tree-reduced, merged."""
-        from ._dask import begin_fit, host_device, labels_numpy, scatter_tree, shared_shifts
+        """One dask pass: per-block scatters on per-language shifts, tree-reduced, merged."""
+        from ._dask import begin_fit, host_device, labels_numpy, language_shifts, scatter_tree
 
         X = begin_fit(self, X, first=first)
         labels, codes = check_languages(labels_numpy(languages, X, "languages"), X.shape[0])
@@ -250,8 +253,9 @@ class LanguageAxes(LanguageTransformerMixin):
         n_lang = len(set(s.labels) | set(labels.tolist()))
         self._check_sizes(n_lang, X.shape[1])
         labs = _labels_list(labels)
-        part = scatter_tree(X, codes, labs, shared_shifts(s.moments, len(labs), X)).compute()
-        s.merge(part)  # same shifts: a plain sum
+        shifts = language_shifts(s.moments, labs, codes, X)  # each language's own row
+        part = scatter_tree(X, codes, labs, shifts).compute()
+        s.merge(part)  # known languages keep their shifts: a plain sum
         self._scatter = s
         return self._solve_when_ready(host_device(self), streaming)
 
@@ -285,7 +289,10 @@ class LanguageAxes(LanguageTransformerMixin):
                 f"LanguageAxes needs more rows than languages to estimate the "
                 f"within-language scatter; got {n_rows} row(s) for {n_lang} languages"
             )
-        if not float(np.trace(s.within())) > 0:
+        tr = float(np.trace(s.within()))
+        # a non-finite trace (only from a save of an older version: ScatterMoments now
+        # rejects such batches) is not "zero": _solve raises the overflow error for it
+        if np.isfinite(tr) and not tr > 0:
             return (
                 "the within-language scatter is zero (every language's rows are "
                 "identical), so the LDA axes are undefined"
@@ -324,10 +331,6 @@ class LanguageAxes(LanguageTransformerMixin):
         scat = s.scatters()[order]
         mu = s.moments.global_mean()
         n, n_lang, d = float(counts.sum()), len(order), means.shape[1]
-        self.languages_ = languages_array(s.labels)
-        self.counts_ = counts.astype(np.int64)
-        self.means_ = means
-        self.global_mean_ = mu
         Sw = scat.sum(0)
         tr = float(np.trace(Sw))
         if not np.isfinite(tr):
@@ -335,6 +338,10 @@ class LanguageAxes(LanguageTransformerMixin):
                 "the within-language scatter overflows float64 (rows of size ~1e154 or "
                 "more); divide X by a constant first (the axes do not depend on it)."
             )
+        self.languages_ = languages_array(s.labels)
+        self.counts_ = counts.astype(np.int64)
+        self.means_ = means
+        self.global_mean_ = mu
         # Axes and scores are scale-free: solve on the scatters divided by a power of
         # two near their mean eigenvalue (exact), so that no square of a variance in
         # the eigenproblems or the scores under- or overflows, whatever the scale of X.

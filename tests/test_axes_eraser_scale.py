@@ -220,3 +220,178 @@ def test_axes_fit_still_refuses_too_few_rows_and_stays_unfitted():
     with pytest.raises(ValueError, match="within-language scatter is zero"):
         est.fit(X[[0, 0, 10, 10]], languages=L[[0, 0, 10, 10]])
     assert not hasattr(est, "_scatter")
+
+
+# -- 4. float64 rows whose scatter leaves float64's range: clear errors, all or nothing --
+def _overflow_data():
+    rng = np.random.default_rng(0)
+    L = np.repeat(["a", "b"], 50)
+    X = rng.normal(size=(100, 4)) + np.repeat(rng.normal(size=(2, 4)), 50, axis=0)
+    return X, L
+
+
+def _scatter_state(est):
+    s = est._scatter
+    return (
+        list(s.labels),
+        s.counts.copy(),
+        s.moments.shift.copy(),
+        s.moments.sums.copy(),
+        s.scatter.copy(),
+    )
+
+
+def _assert_same_state(a, b):
+    assert a[0] == b[0]
+    for x, y in zip(a[1:], b[1:], strict=True):
+        np.testing.assert_array_equal(x, y)
+
+
+@pytest.mark.parametrize("kind", ["numpy", "torch", "dask"])
+def test_axes_fit_overflow_names_the_overflow_not_a_zero_scatter(kind):
+    # old: "the within-language scatter is zero (every language's rows are identical)"
+    X, L = _overflow_data()
+    Xb = X * 1e160
+    if kind == "torch":
+        Xb = torch.from_numpy(Xb)
+    elif kind == "dask":
+        da = pytest.importorskip("dask.array")
+        Xb = da.from_array(Xb, chunks=(30, -1))
+    est = LanguageAxes()
+    with pytest.raises(ValueError, match=r"overflows float64.*divide X by a constant"):
+        est.fit(Xb, languages=L)
+    assert not hasattr(est, "_scatter")
+
+
+@pytest.mark.parametrize("mode", ["remove_sensitive", "keep_neutral"])
+def test_axes_partial_fit_rejects_an_overflowing_batch_and_keeps_the_stream(mode):
+    # old: the batch was silently added as NaN/inf, the solve skipped forever after
+    # (counts_ and components_ frozen, transform serving stale axes)
+    da = pytest.importorskip("dask.array")
+    X, L = _overflow_data()
+    est = LanguageAxes(mode=mode).partial_fit(X, languages=L)
+    before = _scatter_state(est)
+    comp = est.components_.copy()
+    for bad, langs in [
+        (X * 1e160, L),
+        (da.from_array(X * 1e160, chunks=(30, -1)), L),
+        (X * 1e160, np.repeat(["c", "d"], 50)),  # new languages are not registered either
+    ]:
+        with pytest.raises(ValueError, match=r"overflows float64.*divide X by a constant"):
+            est.partial_fit(bad, languages=langs)
+        _assert_same_state(_scatter_state(est), before)
+        np.testing.assert_array_equal(est.components_, comp)
+        np.testing.assert_array_equal(est.counts_, [50, 50])
+    est.partial_fit(X[::2], languages=L[::2])  # the stream goes on
+    ref = LanguageAxes(mode=mode).fit(np.vstack([X, X[::2]]), languages=np.r_[L, L[::2]])
+    np.testing.assert_array_equal(est.counts_, ref.counts_)
+    np.testing.assert_allclose(est.transform(X), ref.transform(X), atol=1e-10)
+    # a fresh stream given such a batch keeps nothing of it
+    fresh = LanguageAxes(mode=mode)
+    with pytest.raises(ValueError, match="overflows float64"):
+        fresh.partial_fit(X * 1e160, languages=L)
+    fresh.partial_fit(X, languages=L)
+    np.testing.assert_array_equal(fresh.counts_, [50, 50])
+
+
+@pytest.mark.parametrize("scale", [1e-160, 1e-200])
+@pytest.mark.parametrize("kind", ["numpy", "dask"])
+def test_axes_float64_underflow_raises_instead_of_inexact_axes(scale, kind):
+    # old: 1e-160 gave components_ off by 6e-4 and neutral_scores_ by 5e-3 silently;
+    # 1e-200 said "the within-language scatter is zero" (false)
+    X, L = _overflow_data()
+    Xs = X * scale
+    if kind == "dask":
+        da = pytest.importorskip("dask.array")
+        Xs = da.from_array(Xs, chunks=(30, -1))
+    with pytest.raises(ValueError, match=r"underflows float64.*multiply X by a constant"):
+        LanguageAxes().fit(Xs, languages=L)
+    est = LanguageAxes()
+    with pytest.raises(ValueError, match="underflows float64"):
+        est.partial_fit(Xs, languages=L)
+    assert not hasattr(est, "_scatter")
+    # 1e-146..1e-154 rows still work (their squares are normal float64)
+    ref = LanguageAxes().fit(X, languages=L)
+    got = LanguageAxes().fit(X * 1e-152, languages=L)
+    np.testing.assert_allclose(got.sensitive_scores_, ref.sensitive_scores_, rtol=1e-9)
+    np.testing.assert_allclose(got.neutral_scores_, ref.neutral_scores_, rtol=1e-9, atol=1e-12)
+
+
+def test_axes_tiny_rows_without_lost_digits_are_not_an_underflow():
+    X, L = _overflow_data()
+    # identical tiny rows: an exactly zero scatter, not an underflow
+    dup = [0, 0, 50, 50]
+    est = LanguageAxes().partial_fit(X[dup] * 1e-200, languages=L[dup])
+    with pytest.raises(NotFittedError, match="within-language scatter is zero"):
+        est.transform(X)
+    # tiny rows in a stream of normal rows: their deviations from the reference rows
+    # are normal-sized, nothing is lost
+    est = LanguageAxes().partial_fit(X, languages=L)
+    est.partial_fit(X * 1e-200, languages=L)
+    ref = LanguageAxes().fit(np.vstack([X, X * 1e-200]), languages=np.r_[L, L])
+    np.testing.assert_allclose(est.transform(X), ref.transform(X), atol=1e-10)
+
+
+def test_scatter_moments_merge_is_all_or_nothing():
+    # old: merge added inf/NaN in place
+    X, L = _overflow_data()
+    labels, codes = np.unique(L, return_inverse=True)
+    s = ScatterMoments().update(torch.from_numpy(X), labels, codes)
+    big = ScatterMoments().update(torch.from_numpy(X * 1e152), labels, codes)
+    before = (list(s.labels), s.counts.copy(), s.moments.sums.copy(), s.scatter.copy())
+    with pytest.raises(ValueError, match="overflows float64"):
+        for _ in range(200):  # each part is finite, their sum is not
+            s.merge(big)
+            before = (list(s.labels), s.counts.copy(), s.moments.sums.copy(), s.scatter.copy())
+    assert np.isfinite(s.scatter).all()
+    assert s.labels == before[0]
+    for x, y in zip((s.counts, s.moments.sums, s.scatter), before[1:], strict=True):
+        np.testing.assert_array_equal(x, y)
+
+
+def test_scatter_moments_centred_scatter_does_not_overflow_below_the_range():
+    # Q is finite (9.9e307) but a aᵀ is not (9.8e309): old scatters() gave -inf
+    x = np.r_[0.0, np.full(99, 1e153)][:, None]
+    s = ScatterMoments().update(torch.from_numpy(x), np.array(["a"]), np.zeros(100, dtype=int))
+    np.testing.assert_allclose(s.within(), [[((x - x.mean()) ** 2).sum()]], rtol=1e-12)
+
+
+def test_scatter_moments_far_apart_languages_keep_their_digits():
+    # old: every language was shifted by the first language's first row, so Q − a aᵀ/n
+    # cancelled catastrophically for a language far from it (2e-2 relative error)
+    rng = np.random.default_rng(0)
+    L = np.repeat([0, 1], 500)
+    X = rng.normal(size=(1000, 3)) * 1e-3 + np.repeat([[0.0, 0, 0], [1e4, 0, 0]], 500, 0)
+    ref = sum((X[L == g] - X[L == g].mean(0)).T @ (X[L == g] - X[L == g].mean(0)) for g in (0, 1))
+    labels = np.array(["a", "b"])
+    s = ScatterMoments().update(torch.from_numpy(X[:300]), labels, L[:300])
+    s.update(torch.from_numpy(X[300:]), labels, L[300:])
+    np.testing.assert_allclose(s.within(), ref, rtol=0, atol=1e-9 * np.abs(ref).max())
+    again = ScatterMoments.from_state(*s.state())  # a loaded stream keeps the rule
+    again.update(torch.from_numpy(X[700:701]), np.array(["c"]), np.array([0]))
+    np.testing.assert_array_equal(again.moments.shift[2], X[700])
+
+
+def test_axes_dask_far_apart_languages_keep_their_digits():
+    """The dask path shifted every language by one shared row (review): LanguageAxes on
+    languages 1e4 apart with a 1e-3 spread must match the numpy fit, streamed or not."""
+    import dask
+    import dask.array as da
+
+    from posthoc_align import LanguageAxes
+
+    rng = np.random.default_rng(0)
+    L = np.repeat(["a", "b", "c"], 400)
+    off = np.repeat([[0.0, 0, 0, 0], [1e4, 0, 0, 0], [0, -1e4, 0, 0]], 400, 0)
+    X = rng.normal(size=(1200, 4)) * 1e-3 * np.array([1, 2, 3, 4]) + off
+    perm = rng.permutation(1200)
+    X, L = X[perm], L[perm]
+    ref = LanguageAxes().fit(X, languages=L)
+    with dask.config.set(scheduler="synchronous"):
+        est = LanguageAxes().fit(da.from_array(X, chunks=(100, -1)), languages=L)
+        stream = LanguageAxes()
+        for sl in (slice(0, 500), slice(500, 1200)):
+            stream.partial_fit(da.from_array(X[sl], chunks=(100, -1)), languages=L[sl])
+    for e in (est, stream):
+        np.testing.assert_allclose(np.abs(e.components_), np.abs(ref.components_), atol=1e-8)
+        np.testing.assert_allclose(e.transform(X), ref.transform(X), rtol=0, atol=1e-6)
