@@ -382,6 +382,7 @@ def _partial_fit_dask(est, X, languages, pair_ids):
     from ._stats import input_rounding
     from ._validation import check_pair_ids
 
+    arrived = getattr(X, "dtype", None)  # before the cast: LSAR's cut counts its rounding
     X = check_dask_X(X, required_by=type(est).__name__)
     dev = host_device(est)  # the closed form's device (a clear error for a missing GPU)
     languages = labels_numpy(languages, X, "languages")
@@ -483,7 +484,7 @@ def _partial_fit_dask(est, X, languages, pair_ids):
     if pairs is not None:
         _check_pair_range(res, pair_rows)
     m.add(res.pop("moments"))
-    m.input_eps = max(m.input_eps, input_rounding(X.dtype))
+    m.input_eps = max(m.input_eps, input_rounding(arrived if arrived is not None else X.dtype))
     if pairs is not None:
         for lab, (S, sa, sb, cnt) in res.items():
             pairs.add_moments(lab, np.asarray(S), np.asarray(sa), np.asarray(sb), cnt)

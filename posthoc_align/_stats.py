@@ -811,25 +811,22 @@ def _plain(value: Any) -> Any:
 
 
 def input_rounding(dtype: Any) -> float:
-    """The relative rounding a batch of this dtype brings into the statistics.
+    """The relative rounding a batch of this dtype may bring into the statistics: its ``eps``.
 
-    float32/float64: their ``eps`` (float32 data centred in float32 keep residual
-    means of that order, which LSAR's rank cut must not mistake for language
-    directions). Half precision (float16, bfloat16) counts as float32: those values
-    are stored encoder outputs whose rounding is random and averages out in the
-    means, and every statistic of them is computed in float32 or wider — their own
-    ``eps`` (1e-3, 8e-3) would make the cut remove real language differences of
-    data with a common offset (numpy float16 at offset 300 lost both directions).
+    Data may have been computed in their own precision before reaching us (e.g.
+    centred in float32, or in float16): their language means then keep residues of
+    order ``eps · |x|``, which LSAR's rank cut must not mistake for language
+    directions. Half precision counts with its own ``eps`` too (float16 1e-3,
+    bfloat16 8e-3): with a large common offset real differences of that order fall
+    under the cut, and LSAR says so in a warning (the fix: pass float32/float64 data
+    or an int ``n_components``) — rather than removing rounding noise silently
+    from data centred in float16. Integers: 0. Dask arrays count with the dtype
+    they arrived in (before their cast to float64).
     """
-    dt = dtype if isinstance(dtype, torch.dtype) else None
-    if dt is None:
-        npdt = np.dtype(dtype)
-        if npdt.kind != "f":
-            return 0.0
-        return float(np.finfo(np.float32 if npdt.itemsize < 4 else npdt).eps)
-    if not dt.is_floating_point:
-        return 0.0
-    return float(torch.finfo(torch.float32 if dt.itemsize < 4 else dt).eps)
+    if isinstance(dtype, torch.dtype):
+        return float(torch.finfo(dtype).eps) if dtype.is_floating_point else 0.0
+    npdt = np.dtype(dtype)
+    return float(np.finfo(npdt).eps) if npdt.kind == "f" else 0.0
 
 
 class PairMoments:

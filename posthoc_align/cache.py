@@ -995,7 +995,10 @@ class EmbeddingCache:
                 # a build stopped part-way still reports the truncations of the chunks
                 # it encoded (a resumed build counts only the rows it encodes itself)
                 if tally is not None and tally.truncated:
-                    warnings.warn(tally.message(), stacklevel=2)
+                    try:
+                        warnings.warn(tally.message(), stacklevel=2)
+                    except Warning:  # warnings as errors: keep the real failure
+                        pass
                 raise
             finally:
                 if bar is not None:

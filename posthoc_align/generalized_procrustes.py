@@ -738,14 +738,16 @@ def _gpa_stats_dask(X: Any, langs: np.ndarray, pids: np.ndarray, center: bool) -
     consensus step of GPA is then ``Σ_p y_{l,p}ᵀ c_p = Σ_k M_lk W_k`` and the
     objective ``Σ‖y‖² − Σ_lk tr(W_lᵀ M_lk W_k)``, so the iterations need no rows.
 
-    The products are formed on rows shifted by ``X[0]`` and centred on the client
-    (the means come from the same pass): ``y = y' − δ_l``, ``y' = x − s``.
+    The products are formed on rows shifted by each language's own first row
+    ``s_l`` and centred on the client (the means come from the same pass):
+    ``y = y' − δ_l``, ``y' = x − s_l`` (one row shared by every language would
+    leave languages far apart, relative to their spread, to cancel digits away).
 
     Scale (the maps are scale-free, as in :meth:`GeneralizedProcrustes._solve`):
     the products run on ``2⁻ᵉ·y'``, an exact power of two, so that rows of 1e-200
     or 1e160 give the statistics of rows of 1 instead of products lost to
     subnormals or overflowed. ``e`` is 0 for rows of normal scale (the pass is then
-    unchanged); where ``|X[0]|`` is beyond ``2^±256`` it is taken from ``X[0]``. If
+    unchanged); where the reference rows are beyond ``2^±256`` it is taken from them. If
     the column sums of squares ``Σ(2⁻ᵉy')²`` still fall outside ``2^±512`` (rows far
     smaller or larger than ``X[0]``: rare), the largest ``|y'|`` is computed and the
     products are formed again with the right ``e`` (two more passes). The returned
@@ -755,14 +757,13 @@ def _gpa_stats_dask(X: Any, langs: np.ndarray, pids: np.ndarray, center: bool) -
     import dask
     import dask.array as da
 
-    from ._dask import moments_tree, shared_shifts
+    from ._dask import language_shifts, moments_tree
 
     labels, codes = check_languages(langs, langs.shape[0])
     labs = _labels_list(labels)
     n_lang, d = len(labs), int(X.shape[1])
     layout = _pair_layout(labels, codes, pids)
-    shift = shared_shifts(None, n_lang, X)
-    s = shift[0]
+    shift = language_shifts(None, labs, codes, X)  # (L, d): each language's first row
     mask = layout >= 0
     todo: dict[str, Any] = {"moments": moments_tree(X, codes, labs, shift, False)}
     P = layout.shape[0]
@@ -772,7 +773,7 @@ def _gpa_stats_dask(X: Any, langs: np.ndarray, pids: np.ndarray, center: bool) -
         # 2⁻ᵉ must stay a normal float64 (rows of 2⁻¹⁰⁷⁴ or 2¹⁰²³ come to 2^∓74, 2²³)
         return min(max(math.frexp(top)[1], -1000), 1000) if 0.0 < top < math.inf else 0
 
-    e = exponent(float(np.abs(s).max()) if s.size else 0.0)
+    e = exponent(float(np.abs(shift).max()) if shift.size else 0.0)
     e = e if abs(e) > safe else 0
     if P:
         w = 1.0 / mask.sum(1)
@@ -782,11 +783,12 @@ def _gpa_stats_dask(X: Any, langs: np.ndarray, pids: np.ndarray, center: bool) -
 
         def scaled_rows(e: int) -> Any:
             """The ``P × (L·d)`` matrix of ``2⁻ᵉ·y'`` (0 where a language lacks the id)."""
-            Yg = X[rows].astype(np.float64) - s
+            Yg = X[rows].astype(np.float64).rechunk((step * n_lang, d))
+            Y3 = Yg.reshape(P, n_lang, d) - shift[None]  # y' = x − s_l, per language
             # the scale rides on the mask's multiplication (no extra pass; exact)
-            Yg = Yg * da.from_array(np.ldexp(keep, -e), chunks=step * n_lang)[:, None]
-            Yg = Yg.rechunk((step * n_lang, d))
-            return Yg.reshape(P, n_lang, d).reshape(P, n_lang * d).rechunk((step, -1))
+            scale = np.ldexp(keep, -e).reshape(P, n_lang, 1)
+            Y3 = Y3 * da.from_array(scale, chunks=(step, n_lang, 1))
+            return Y3.reshape(P, n_lang * d).rechunk((step, -1))
 
         def products(e: int) -> dict[str, Any]:
             Y = scaled_rows(e)
@@ -812,7 +814,7 @@ def _gpa_stats_dask(X: Any, langs: np.ndarray, pids: np.ndarray, center: bool) -
     }
     if not P:
         return out
-    delta = (m.means() - s) if center else np.tile(-s, (n_lang, 1))  # y = y' − δ_l
+    delta = (m.means() - shift) if center else -shift  # y = y' − δ_l
     sq_top = float(np.max(res["sq"]))
     d_top = float(np.abs(np.ldexp(delta, -e)).max())
     if not (2.0**-512 <= sq_top <= 2.0**512 and d_top <= 2.0**safe):

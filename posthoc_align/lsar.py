@@ -43,7 +43,7 @@ def language_subspace(means: np.ndarray, device: Any = "cpu") -> tuple[np.ndarra
     return flip_signs(Vh.cpu().numpy()), s.cpu().numpy()
 
 
-def _rounding_cut(m: Any, means: np.ndarray) -> float:
+def _rounding_cut(m: Any, means: np.ndarray, *, input_rounding: bool = True) -> float:
     """Singular values at or below this are rounding, not language differences.
 
     Each language mean inherits the rounding of its values: about ``eps · mean|x|``
@@ -62,10 +62,8 @@ def _rounding_cut(m: Any, means: np.ndarray) -> float:
     else:
         scale = max(float(np.abs(m.shift).max()), float(np.abs(means).max()))
         norm = scale * np.sqrt(means.size)
-    return norm * max(
-        max(means.shape) * 1e3 * np.finfo(float).eps / np.sqrt(means.size),
-        8.0 * eps_in,
-    )
+    svd = max(means.shape) * 1e3 * np.finfo(float).eps / np.sqrt(means.size)
+    return norm * (max(svd, 8.0 * eps_in) if input_rounding else svd)
 
 
 class LSAR(LanguageTransformerMixin):
@@ -91,8 +89,11 @@ class LSAR(LanguageTransformerMixin):
         least precise input and ``a`` the per-dimension mean of ``|x|`` over all rows
         (the scale of the rounding the means inherit; independent of the order of
         the rows); when
-        ``None`` is cut below ``L − 1`` a warning says so. An int larger than
-        ``L − 1`` is an error. A float picks the smallest ``r`` whose squared singular values
+        ``None`` is cut below ``L − 1`` a warning says so. An int ``r`` overrides
+        that cut (it removes the top ``r`` directions unless the means' SVD itself
+        cannot tell them from zero, ``max(L, d) · 1e3 · eps64`` relative): the fix
+        when real differences sit within the input's rounding, e.g. float16 data
+        with a large common offset. An int larger than ``L − 1`` is an error. A float picks the smallest ``r`` whose squared singular values
         hold at least that fraction of the total energy (like PCA).
     device : {"auto", "cpu", "cuda"} or torch.device, default="auto"
 
@@ -181,7 +182,10 @@ class LSAR(LanguageTransformerMixin):
         self.singular_values_ = s
         self.explained_energy_ratio_ = energy / total if total > 0 else np.zeros_like(s)
         r = self._rank(L)
-        tol = _rounding_cut(m, self.means_)
+        # an int n_components overrides the input-rounding part of the cut (the fix the
+        # warning below names); only directions within the SVD's own rounding are dropped
+        explicit = isinstance(self.n_components, numbers.Integral)
+        tol = _rounding_cut(m, self.means_, input_rounding=not explicit)
         rank = int((s > max(tol, 1e-300)).sum())
         if r > rank:
             if isinstance(self.n_components, numbers.Integral):

@@ -208,3 +208,25 @@ def test_build_stopped_part_way_still_reports_its_truncations(tmp_path):
             EmbeddingCache.build(tmp_path / "c.zarr", Flaky(enc), texts, chunk_rows=3)
     msgs = [str(w.message) for w in rec if "truncated" in str(w.message)]
     assert len(msgs) == 1 and msgs[0].startswith("5 of 6 texts")
+
+
+def test_build_failure_is_not_hidden_by_the_warning_under_warnings_as_errors(tmp_path):
+    enc = HFEncoder(_bert(), _tokenizer(), device="cpu", max_length=6, show_progress_bar=False)
+
+    class Flaky:
+        def __init__(self, e):
+            self.e, self.n = e, 0
+
+        def __getattr__(self, k):
+            return getattr(self.e, k)
+
+        def encode(self, t, **kw):
+            self.n += 1
+            if self.n > 1:
+                raise RuntimeError("boom")
+            return self.e.encode(t, **kw)
+
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        with pytest.raises(RuntimeError, match="boom"):
+            EmbeddingCache.build(tmp_path / "c.zarr", Flaky(enc), [LONG] * 4, chunk_rows=2)
