@@ -11,11 +11,17 @@ the same result up to rounding.  A float32 block whose products overflow or turn
 subnormal (rows of size beyond ~1e19 or below ~1e-16; read off the d×d result) is
 multiplied again scaled by a power of two, so a float32 scatter is right at any
 scale.  float64 rows whose squares leave float64's range cannot be accumulated in
-float64: a scatter that overflows (rows of size ≳ 1e154) or whose products are all
-subnormal (rows varying by ≲ 1e-154) raises a ``ValueError`` asking for a rescale,
-and :meth:`~ScatterMoments.update` / :meth:`~ScatterMoments.merge` are all or
-nothing (a rejected batch leaves the statistics as they were).  Two objects filled
-from different parts of the data combine exactly with :meth:`ScatterMoments.merge`.
+float64: a scatter that overflows (rows of size ≳ 1e154) raises a ``ValueError``
+asking for a rescale, and :meth:`~ScatterMoments.update` /
+:meth:`~ScatterMoments.merge` are all or nothing (a rejected batch leaves the
+statistics as they were).  Rows whose products of deviations are all subnormal
+(rows varying by ≲ 1e-154: digits lost) are not refused batch by batch, since
+whether *every* product is subnormal depends on all the rows, not on a batch or a
+block: :attr:`~ScatterMoments.largest_deviation` keeps ``max |x − s_l|`` (capped
+at :data:`DEVIATION_CAP`, above which some product is normal), combined by ``max``
+across batches and blocks, and :attr:`~ScatterMoments.underflows` tells the reader
+(e.g. a solve) of the statistics, whatever the chunking.  Two objects filled from
+different parts of the data combine exactly with :meth:`ScatterMoments.merge`.
 
 Memory is ``n_languages × d × d`` float64 on the host (e.g. 10 languages at
 d = 768: 47 MB), the price of per-language covariances.
@@ -25,7 +31,7 @@ No method logic lives here: closed forms are in the file named after the method.
 
 from __future__ import annotations
 
-from collections.abc import Hashable
+from collections.abc import Callable, Hashable
 from typing import Any
 
 import numpy as np
@@ -35,7 +41,15 @@ from ._backend import block_rows, compute_dtype
 from ._stats import BLOCK_ROWS, TINY_CROSS64, LanguageMoments, _labels_list, row_blocks
 from ._validation import raise_non_finite
 
-__all__ = ["ScatterMoments", "check_finite_rows"]
+__all__ = ["DEVIATION_CAP", "ScatterMoments", "check_finite_rows"]
+
+#: Rows whose deviations from their reference rows all stay below this (in size)
+#: have only subnormal products (``DEVIATION_CAP² = 2⁻¹⁰²²``, the smallest normal
+#: float64): their scatter has lost digits (:attr:`ScatterMoments.underflows`).
+#: :attr:`ScatterMoments.largest_deviation` is capped here: above it, nothing is
+#: lost (the subnormal rounding of the smaller products is no worse than ordinary
+#: rounding next to the largest one).
+DEVIATION_CAP = 2.0**-511
 
 
 def check_finite_rows(T: torch.Tensor, name: str = "X") -> None:
@@ -171,6 +185,12 @@ class ScatterMoments:
         order of :attr:`scatter`).
     scatter : ndarray of shape (n_languages, n_features, n_features) or None
         The shifted second moments ``Q_l`` (float64).
+    largest_deviation : float
+        ``max |x − s_l|`` over the rows so far, capped at :data:`DEVIATION_CAP`
+        (whether some product of deviations is a normal float64). Read off the
+        scatter when it is large enough (Cauchy–Schwarz), else by one more pass
+        over the batch (rare: rows equal to their reference rows, or tiny
+        deviations); combined by ``max``, so it does not depend on the chunking.
 
     Examples
     --------
@@ -184,6 +204,22 @@ class ScatterMoments:
     def __init__(self) -> None:
         self.moments: LanguageMoments = _OwnRowMoments(compensated=True)
         self.scatter: np.ndarray | None = None
+        self.largest_deviation: float = 0.0
+
+    def __setstate__(self, state: dict[str, Any]) -> None:
+        self.__dict__.update(state)
+        if "largest_deviation" not in state:  # pickled before it was kept
+            self.largest_deviation = self._assumed_deviation()
+
+    def _assumed_deviation(self) -> float:
+        """``largest_deviation`` of statistics saved without it (older versions).
+
+        Those versions refused batches whose products were all subnormal, so a
+        nonzero scatter had a normal product; a zero one had no deviation yet.
+        """
+        if self.scatter is None or not self.scatter.size:
+            return 0.0
+        return DEVIATION_CAP if float(self.scatter.diagonal(axis1=1, axis2=2).max()) > 0 else 0.0
 
     # -- streaming ------------------------------------------------------------
     def update(
@@ -191,9 +227,10 @@ class ScatterMoments:
     ) -> ScatterMoments:
         """Add the rows of ``T`` (torch, any device) with language ``labels[codes]``.
 
-        All or nothing: non-finite input, or float64 rows whose scatter leaves
-        float64's range (see the module notes), raise a ``ValueError`` and leave the
-        statistics as they were.
+        All or nothing: non-finite input, or float64 rows whose scatter overflows
+        float64 (see the module notes), raise a ``ValueError`` and leave the
+        statistics as they were. Rows whose products are all subnormal are kept:
+        :attr:`underflows` (over all the rows so far) tells whether digits were lost.
         """
         if T.shape[0] == 0:
             return self
@@ -228,9 +265,10 @@ class ScatterMoments:
             if not bool(in_range):  # rare: float32 products overflowed or were subnormal
                 acc, _ = _group_scatter(T, perm[lo:hi], shift, rescale=True)
             added[g] = acc.cpu().numpy()
-        diags = self._checked_sums(added, m.labels, name)
-        if self._underflows(diags, lambda: _largest_deviation(T, gcodes, m.shift)):
-            raise _underflow_error(name)
+        self._checked_sums(added, m.labels, name)
+        reach = self._batch_deviation(
+            added, T.shape[0], lambda: _largest_deviation(T, gcodes, m.shift)
+        )
         # every check passed: commit
         scat = self.scatter if self.scatter is not None else np.zeros((0, d, d))
         if scat.shape[0] < L:
@@ -238,6 +276,7 @@ class ScatterMoments:
         for g, acc in added.items():
             scat[g] += acc
         self.scatter = scat
+        self.largest_deviation = max(self.largest_deviation, reach)
         return self
 
     def _checked_sums(
@@ -266,28 +305,45 @@ class ScatterMoments:
             raise _overflow_error("pooled over the languages", name)
         return diags
 
-    def _underflows(self, diags: dict[int, np.ndarray], largest_deviation) -> bool:
-        """Whether the batch's products of deviations were all subnormal (digits lost).
+    def _batch_deviation(
+        self, added: dict[int, np.ndarray], n_rows: int, largest_deviation: Callable[[], float]
+    ) -> float:
+        """The batch's ``max |x − s_l|``, capped at :data:`DEVIATION_CAP`.
 
-        ``diags`` are the diagonals of the candidate scatters of the batch's
-        languages (not yet committed); ``largest_deviation()`` returns
-        ``max |x − s_l|`` over the batch (one more pass, taken only when the pooled
-        diagonal is below ``N · 2⁻¹⁰²²``: for normal-scale data, only when every row
-        equals its reference row). As with
-        :func:`~posthoc_align._stats.cross_underflows`: while the largest product is
-        normal, the subnormal rounding of the others is no worse than ordinary
-        rounding; a zero scatter (identical rows) is not an underflow.
+        ``added`` are the batch's scatters ``Σ (x − s_l)(x − s_l)ᵀ`` (one per
+        language). Once a product was normal, the cap is known without a look;
+        a pooled diagonal entry of at least ``n_rows · 2⁻¹⁰²²`` has a term (a
+        product) of at least ``2⁻¹⁰²²``; otherwise ``largest_deviation()`` reads
+        the rows once more (rare: for normal-scale data, only when every row of the
+        batch equals its reference row).
         """
-        n_old = 0 if self.scatter is None else self.scatter.shape[0]
-        old = self.scatter.diagonal(axis1=1, axis2=2) if n_old else np.zeros((0, 0))
-        if old.size and float(old.max()) >= TINY_CROSS64:
-            return False  # earlier rows already have normal products
-        diag = sum(diags.values())
-        diag = diag + sum(old[g] for g in range(n_old) if g not in diags)
-        if float(np.max(diag)) >= float(self.counts.sum()) * TINY_CROSS64:
-            return False
-        big = largest_deviation()
-        return 0.0 < big < 2.0**-511  # its square, the largest product, is subnormal
+        if self.largest_deviation >= DEVIATION_CAP or not added:
+            return DEVIATION_CAP if added else 0.0
+        pooled = sum(acc.diagonal() for acc in added.values())
+        if float(np.max(pooled)) >= n_rows * TINY_CROSS64:
+            return DEVIATION_CAP
+        return min(largest_deviation(), DEVIATION_CAP)
+
+    @property
+    def underflows(self) -> bool:
+        """Whether the rows so far vary, but so little that every product is subnormal.
+
+        True when some row differs from its reference row and no row's deviation
+        reaches :data:`DEVIATION_CAP` (``≈ 1.5e-154``): every product of deviations
+        is below the smallest normal float64 and lost digits, down to 0, so the
+        scatters are inexact. A zero scatter (identical rows) is not an underflow;
+        one row with a normal deviation is enough (the subnormal rounding of the
+        others is then no worse than ordinary rounding). As with
+        :func:`~posthoc_align._stats.cross_underflows`. Depends on all the rows, not
+        on how they were batched.
+        """
+        return 0.0 < self.largest_deviation < DEVIATION_CAP
+
+    def check_underflow(self, name: str = "X") -> ScatterMoments:
+        """Raise the ``ValueError`` asking to rescale ``name`` if :attr:`underflows`."""
+        if self.underflows:
+            raise _underflow_error(name)
+        return self
 
     @classmethod
     def with_shifts(cls, labels: list[Hashable], shift: np.ndarray) -> ScatterMoments:
@@ -360,6 +416,7 @@ class ScatterMoments:
         for g, acc in added.items():
             scat[g] += acc
         self.scatter = scat
+        self.largest_deviation = max(self.largest_deviation, other.largest_deviation)
         m.labels, m.index, m.shift, m.sums, m.counts = labels, index, shift, sums, counts
         return self
 
@@ -395,6 +452,7 @@ class ScatterMoments:
     # -- persistence ----------------------------------------------------------
     def state(self) -> tuple[dict[str, Any], dict[str, np.ndarray]]:
         meta, arrays = self.moments.state()
+        meta = {**meta, "largest_deviation": float(self.largest_deviation)}
         if self.scatter is not None:
             arrays = {**arrays, "scatter": self.scatter}
         return meta, arrays
@@ -405,4 +463,8 @@ class ScatterMoments:
         s.moments = _OwnRowMoments.from_state(meta, arrays)
         if "scatter" in arrays:
             s.scatter = np.asarray(arrays["scatter"], dtype=np.float64)
+        if "largest_deviation" in meta:
+            s.largest_deviation = float(meta["largest_deviation"])
+        else:  # saved by an older version
+            s.largest_deviation = s._assumed_deviation()
         return s

@@ -272,11 +272,26 @@ def _merge_scatter(*parts):
     return out
 
 
-def scatter_tree(X: Any, gcodes: np.ndarray, labels: list, shift: np.ndarray):
+def _checked_scatter(s):
+    return s.check_underflow()
+
+
+def scatter_tree(
+    X: Any,
+    gcodes: np.ndarray,
+    labels: list,
+    shift: np.ndarray,
+    *,
+    keep_underflow: bool = False,
+):
     """Delayed :class:`~posthoc_align._covariance.ScatterMoments` of a dask ``X``.
 
     Same scheme as :func:`moments_tree` (fixed shifts, so :meth:`merge` is a plain
-    sum), with one d×d scatter matrix per label.
+    sum), with one d×d scatter matrix per label. Rows whose products are all
+    subnormal (:attr:`~posthoc_align._covariance.ScatterMoments.underflows`, decided
+    on the merged result, so whatever the chunking) raise the ``ValueError`` asking
+    for a rescale, unless ``keep_underflow`` (the caller decides, e.g. at solve time
+    over a whole stream).
     """
     import dask
 
@@ -284,7 +299,8 @@ def scatter_tree(X: Any, gcodes: np.ndarray, labels: list, shift: np.ndarray):
         dask.delayed(_block_scatter)(b, g, list(labels), shift, lo)
         for b, g, lo in _row_blocks_of(X, gcodes)
     ]
-    return _tree(parts, _merge_scatter)
+    tree = _tree(parts, _merge_scatter)
+    return tree if keep_underflow else dask.delayed(_checked_scatter)(tree)
 
 
 def _block_moments(

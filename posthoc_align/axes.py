@@ -128,9 +128,14 @@ class LanguageAxes(LanguageTransformerMixin):
     scores are computed on the scatters divided by a power of two near their mean
     eigenvalue, so the axes and scores do not depend on the scale of ``X``
     (float32 from ~1e-30 to ~1e30 included, float64 from ~1e-150 to ~1e150).
-    float64 rows whose squares leave float64's range (rows of size ≳ 1e154, or
-    varying by ≲ 1e-154) raise a ``ValueError`` asking to divide or multiply ``X``
-    by a constant; a ``partial_fit`` batch so rejected leaves the stream as it was.
+    float64 rows whose squares overflow (rows of size ≳ 1e154) raise a
+    ``ValueError`` asking to divide ``X`` by a constant; a ``partial_fit`` batch so
+    rejected leaves the stream as it was. Rows varying by ≲ 1e-154 (every product
+    of their deviations subnormal: digits lost) are judged over all the rows, so
+    the same whatever the chunking: ``fit`` raises a ``ValueError`` asking to
+    multiply ``X`` by a constant, while ``partial_fit`` keeps such rows and waits,
+    as for too few rows, until one row varies by more (then the axes equal
+    ``fit`` on all the rows).
 
     Dask arrays: ``fit``/``partial_fit`` of a dask ``X`` (``languages`` numpy or
     dask with ``X``'s row chunks) compute each row block's float64 scatter on the
@@ -217,10 +222,11 @@ class LanguageAxes(LanguageTransformerMixin):
         """Add a batch to the per-language scatter matrices and refit the axes.
 
         The statistics so far decide whether there are axes: a stream may start with
-        too few rows (e.g. one row per language, so no within-language scatter yet).
-        Such a batch is kept, and the axes appear once later batches make the rows
-        enough; until then ``transform`` raises ``NotFittedError`` saying why. Over
-        any chunking the result equals ``fit`` on all the rows.
+        too few rows (e.g. one row per language, so no within-language scatter yet),
+        or with float64 rows varying by ≲ 1e-154 (every product of their deviations
+        subnormal). Such a batch is kept, and the axes appear once later batches make
+        the rows enough; until then ``transform`` raises ``NotFittedError`` saying
+        why. Over any chunking the result equals ``fit`` on all the rows.
         """
         return self._partial_fit(X, languages, streaming=True)
 
@@ -254,7 +260,7 @@ class LanguageAxes(LanguageTransformerMixin):
         self._check_sizes(n_lang, X.shape[1])
         labs = _labels_list(labels)
         shifts = language_shifts(s.moments, labs, codes, X)  # each language's own row
-        part = scatter_tree(X, codes, labs, shifts).compute()
+        part = scatter_tree(X, codes, labs, shifts, keep_underflow=True).compute()
         s.merge(part)  # known languages keep their shifts: a plain sum
         self._scatter = s
         return self._solve_when_ready(host_device(self), streaming)
@@ -275,12 +281,17 @@ class LanguageAxes(LanguageTransformerMixin):
             )
 
     def _not_ready(self) -> str | None:
-        """Why the statistics so far give no LDA axes (None when they do).
+        """Why the statistics so far give no axes (None when they do).
 
-        Both reasons only fade as rows are added (the within-language scatter only
-        grows), so a stream that once had axes keeps them.
+        Every reason only fades as rows are added (the within-language scatter and
+        the largest deviation only grow), so a stream that once had axes keeps them.
         """
         s = self._scatter
+        if s.underflows:  # any number of languages: the neutral axes need S_w too
+            return (
+                "the within-language scatter underflows float64 (the rows vary by "
+                "~1e-154 or less: every product of their deviations is subnormal)"
+            )
         n_lang, n_rows = len(s.labels), int(s.counts.sum())
         if n_lang < 2:
             return None
@@ -305,6 +316,7 @@ class LanguageAxes(LanguageTransformerMixin):
         if why is None:
             self._solve(dev)
         elif not streaming:
+            self._scatter.check_underflow()  # its own advice: rescale X
             raise ValueError(f"{why}. Give at least one language two or more distinct rows.")
         return self
 
@@ -316,9 +328,14 @@ class LanguageAxes(LanguageTransformerMixin):
         if not hasattr(self, "components_") and hasattr(self, "_scatter"):
             why = self._not_ready()
             if why is not None:
+                fix = (
+                    "with rows that vary by more, or refit on X multiplied by a constant "
+                    "(e.g. 1 / its largest |value|; the axes do not depend on the scale)"
+                    if self._scatter.underflows
+                    else "with more rows (at least one language needs two or more distinct rows)"
+                )
                 raise NotFittedError(
-                    f"LanguageAxes has no axes yet: {why} so far. Call partial_fit with "
-                    "more rows (at least one language needs two or more distinct rows) "
+                    f"LanguageAxes has no axes yet: {why} so far. Call partial_fit {fix} "
                     "before transform."
                 )
         check_is_fitted(self)

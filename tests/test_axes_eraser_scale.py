@@ -306,10 +306,11 @@ def test_axes_float64_underflow_raises_instead_of_inexact_axes(scale, kind):
         Xs = da.from_array(Xs, chunks=(30, -1))
     with pytest.raises(ValueError, match=r"underflows float64.*multiply X by a constant"):
         LanguageAxes().fit(Xs, languages=L)
-    est = LanguageAxes()
-    with pytest.raises(ValueError, match="underflows float64"):
-        est.partial_fit(Xs, languages=L)
-    assert not hasattr(est, "_scatter")
+    # a stream keeps such rows (later ones may vary more) but has no axes from them
+    est = LanguageAxes().partial_fit(Xs, languages=L)
+    assert not hasattr(est, "components_")
+    with pytest.raises(NotFittedError, match=r"underflows float64.*multiplied by a constant"):
+        est.transform(X)
     # 1e-146..1e-154 rows still work (their squares are normal float64)
     ref = LanguageAxes().fit(X, languages=L)
     got = LanguageAxes().fit(X * 1e-152, languages=L)
@@ -395,3 +396,138 @@ def test_axes_dask_far_apart_languages_keep_their_digits():
     for e in (est, stream):
         np.testing.assert_allclose(np.abs(e.components_), np.abs(ref.components_), atol=1e-8)
         np.testing.assert_allclose(e.transform(X), ref.transform(X), rtol=0, atol=1e-6)
+
+
+# -- 4. float64 underflow: judged over all the rows, whatever the chunking ----------
+def _mixed_tiny(n=100, d=4):
+    """Language 'a' of normal scale, language 'b' of rows ~1e-160 (subnormal products)."""
+    rng = np.random.default_rng(0)
+    X = np.vstack([rng.normal(size=(n, d)) + 2.0, rng.normal(size=(n, d)) * 1e-160])
+    return X, np.repeat(["a", "b"], n)
+
+
+def _stream(batches):
+    est = LanguageAxes()
+    for X, L in batches:
+        est.partial_fit(X, languages=L)
+    return est
+
+
+def test_axes_underflow_outcome_does_not_depend_on_chunking():
+    # old: numpy fit and one dask block accepted, 50-row dask blocks and a stream
+    # starting with the tiny language raised the underflow error
+    import dask
+    import dask.array as da
+
+    X, L = _mixed_tiny()
+    b = L == "b"
+    ref = LanguageAxes().fit(X, languages=L)
+    with dask.config.set(scheduler="synchronous"):
+        fits = [
+            LanguageAxes().fit(da.from_array(X, chunks=(c, -1)), languages=L) for c in (200, 50, 7)
+        ]
+        fits.append(_stream([(da.from_array(X[b], chunks=(30, -1)), L[b]), (X[~b], L[~b])]))
+    fits.append(_stream([(X[b], L[b]), (X[~b], L[~b])]))
+    fits.append(_stream([(X[i : i + 13], L[i : i + 13]) for i in range(0, 200, 13)][::-1]))
+    for e in fits:
+        np.testing.assert_allclose(e.sensitive_scores_, ref.sensitive_scores_, rtol=1e-9)
+        np.testing.assert_allclose(e.transform(X), ref.transform(X), rtol=0, atol=1e-9)
+    # every row tiny: every chunking refuses (fit) or waits (stream) alike
+    tiny = X[b] * 1e-30
+    Lt = np.tile(["a", "b"], 50)
+    with dask.config.set(scheduler="synchronous"):
+        for data in (
+            tiny,
+            da.from_array(tiny, chunks=(100, -1)),
+            da.from_array(tiny, chunks=(9, -1)),
+        ):
+            with pytest.raises(ValueError, match=r"underflows float64.*multiply X by a constant"):
+                LanguageAxes().fit(data, languages=Lt)
+    est = _stream([(tiny[i : i + 10], Lt[i : i + 10]) for i in range(0, 100, 10)])
+    with pytest.raises(NotFittedError, match="underflows float64"):
+        est.transform(tiny)
+
+
+def test_axes_stream_of_tiny_rows_then_normal_rows_equals_fit():
+    # old: the first batch raised (and was dropped), though fit on all the rows works
+    import dask
+    import dask.array as da
+
+    X, L = _mixed_tiny()
+    rng = np.random.default_rng(1)
+    tiny = rng.normal(size=(40, 4)) * 1e-170
+    Lt = np.tile(["b", "a"], 20)
+    ref = LanguageAxes().fit(np.vstack([tiny, X]), languages=np.r_[Lt, L])
+    for first in ("numpy", "dask"):
+        est = LanguageAxes()
+        with dask.config.set(scheduler="synchronous"):
+            est.partial_fit(
+                tiny if first == "numpy" else da.from_array(tiny, chunks=(8, -1)), languages=Lt
+            )
+        with pytest.raises(NotFittedError, match=r"no axes yet: .*underflows float64"):
+            est.transform(X)
+        est.partial_fit(X[::2], languages=L[::2])
+        est.partial_fit(X[1::2], languages=L[1::2])
+        np.testing.assert_array_equal(est.counts_, ref.counts_)
+        np.testing.assert_allclose(est.sensitive_scores_, ref.sensitive_scores_, rtol=1e-9)
+        np.testing.assert_allclose(est.transform(X), ref.transform(X), rtol=0, atol=1e-9)
+
+
+def test_axes_underflowing_stream_survives_save_load_and_pickle(tmp_path):
+    X, L = _mixed_tiny()
+    b = L == "b"
+    tiny = X[b]  # language 'b' only so far: every product subnormal
+    with pytest.raises(ValueError, match="underflows float64"):
+        LanguageAxes().fit(tiny, languages=L[b])
+    est = LanguageAxes().partial_fit(tiny, languages=L[b])
+    assert est._scatter.underflows
+    est.save(tmp_path / "tiny")
+    copies = [posthoc_align.load(tmp_path / "tiny"), pickle.loads(pickle.dumps(est))]
+    ref = LanguageAxes().fit(np.vstack([tiny, X[~b]]), languages=np.r_[L[b], L[~b]])
+    for again in copies:
+        assert again._scatter.underflows
+        with pytest.raises(NotFittedError, match="underflows float64"):
+            again.transform(X)
+        again.partial_fit(X[~b], languages=L[~b])
+        assert not again._scatter.underflows
+        np.testing.assert_allclose(again.transform(X), ref.transform(X), rtol=0, atol=1e-9)
+
+
+def test_scatter_moments_saved_without_largest_deviation_load_as_not_underflowing():
+    X, L = _mixed_tiny()
+    labels, codes = np.unique(L, return_inverse=True)
+    s = ScatterMoments().update(torch.from_numpy(X), labels, codes)
+    zero = ScatterMoments().update(torch.from_numpy(X[[0, 0]]), labels, codes[[0, 0]])
+    for m, expect in ((s, 2.0**-511), (zero, 0.0)):
+        meta, arrays = m.state()
+        assert meta["largest_deviation"] == expect
+        del meta["largest_deviation"]  # as an older version saved it
+        old = ScatterMoments.from_state(meta, arrays)
+        assert old.largest_deviation == expect and not old.underflows
+        state = dict(vars(m))
+        del state["largest_deviation"]  # as an older version pickled it
+        old = ScatterMoments.__new__(ScatterMoments)
+        old.__setstate__(state)
+        assert old.largest_deviation == expect
+    # a zero state read back still judges later tiny rows
+    old = ScatterMoments.from_state(
+        {k: v for k, v in zero.state()[0].items() if k != "largest_deviation"}, zero.state()[1]
+    )
+    old.update(torch.from_numpy(X[100:110]), np.array(["b"]), np.zeros(10, dtype=np.int64))
+    assert old.underflows
+
+
+def test_eraser_dask_underflow_is_decided_on_the_whole_batch():
+    # the eraser's dask scatter (one shared reference row) still refuses rows whose
+    # products are all subnormal, for any chunking
+    import dask
+    import dask.array as da
+
+    X, L = _offset_data(0.0, n=120, d=4)
+    with dask.config.set(scheduler="synchronous"):
+        for c in (120, 25):
+            with pytest.raises(ValueError, match="underflows float64"):
+                LanguageEraser(device="cpu").fit(
+                    da.from_array(X * 1e-170, chunks=(c, -1)), languages=L
+                )
+            LanguageEraser(device="cpu").fit(da.from_array(X, chunks=(c, -1)), languages=L)
