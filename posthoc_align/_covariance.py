@@ -385,6 +385,7 @@ class ScatterMoments:
         n_old = len(labels)
         added: dict[int, np.ndarray] = {}
         fresh_shift, fresh_sums, fresh_counts = [], [], []
+        gap = 0.0  # largest |δ|: other's deviations are measured from other rows
         for j, lab in enumerate(om.labels):
             n_o, a_o, Q_o = om.counts[j], om.sums[j], other.scatter[j]
             if lab not in index:
@@ -397,6 +398,8 @@ class ScatterMoments:
                 continue
             i = index[lab]
             delta = om.shift[j] - shift[i]
+            if n_o:
+                gap = max(gap, float(np.abs(delta).max(initial=0.0)))
             sums[i] += a_o + n_o * delta
             added[i] = (
                 Q_o + np.outer(a_o, delta) + np.outer(delta, a_o) + n_o * np.outer(delta, delta)
@@ -416,7 +419,10 @@ class ScatterMoments:
         for g, acc in added.items():
             scat[g] += acc
         self.scatter = scat
-        self.largest_deviation = max(self.largest_deviation, other.largest_deviation)
+        # |x − s_self| ≤ |x − s_other| + |δ|: a bound, exact where the shifts agree (dask
+        # blocks share theirs); past the cap nothing is subnormal anyway
+        reach = other.largest_deviation + gap if other.largest_deviation or gap else 0.0
+        self.largest_deviation = min(max(self.largest_deviation, reach), DEVIATION_CAP)
         m.labels, m.index, m.shift, m.sums, m.counts = labels, index, shift, sums, counts
         return self
 

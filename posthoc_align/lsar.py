@@ -207,6 +207,19 @@ class LSAR(LanguageTransformerMixin):
                     stacklevel=3,
                 )
             r = rank
+        if explicit and r:
+            cut = _rounding_cut(m, self.means_)
+            within = int((s[:r] <= cut).sum())
+            if within:
+                warnings.warn(
+                    f"n_components={r}: {within} of the removed direction(s) have singular "
+                    f"values {[float(f'{v:.3g}') for v in s[r - within : r]]} within the "
+                    f"rounding of the input (cut {cut:.3g}); removing them as asked. If the "
+                    "data were centred in their own precision these are rounding noise: pass "
+                    "n_components=None (or 0) to keep the data as they are.",
+                    UserWarning,
+                    stacklevel=3,
+                )
         self.n_components_ = r
         self.components_ = np.ascontiguousarray(Vh[:r])
         return self

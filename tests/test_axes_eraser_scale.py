@@ -531,3 +531,27 @@ def test_eraser_dask_underflow_is_decided_on_the_whole_batch():
                     da.from_array(X * 1e-170, chunks=(c, -1)), languages=L
                 )
             LanguageEraser(device="cpu").fit(da.from_array(X, chunks=(c, -1)), languages=L)
+
+
+def test_scatter_merge_counts_the_gap_between_reference_rows_in_largest_deviation():
+    """merge took max(ld_self, ld_other), ignoring that other's deviations are measured from
+    other reference rows: underflow then depended on the split (regression review)."""
+    rng = np.random.default_rng(0)
+    d = 3
+    labels = np.array(["a", "b"])
+    codes = [0, 0, 1, 1]
+
+    def sm(rows):
+        return ScatterMoments().update(torch.from_numpy(rows), labels, np.asarray(codes))
+
+    base = rng.normal(size=(2, d))
+    p1 = np.vstack([base[0], base[0], base[1], base[1]]) * 1e-160
+    p2 = p1 + 1e-160 * rng.normal(size=(1, d))
+    one = ScatterMoments().update(
+        torch.from_numpy(np.vstack([p1, p2])), labels, np.array(codes * 2)
+    )
+    assert one.underflows and sm(p1).merge(sm(p2)).underflows
+    a = rng.normal(size=(4, d)) * 1e-160
+    b = a + 1.0
+    one = ScatterMoments().update(torch.from_numpy(np.vstack([a, b])), labels, np.array(codes * 2))
+    assert not one.underflows and not sm(a).merge(sm(b)).underflows

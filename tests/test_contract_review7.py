@@ -324,3 +324,19 @@ def test_lsar_float16_rounding_is_counted_alike_on_every_path():
         e = LSAR().fit(Xc, languages=langs)
     assert e.n_components_ == 0
     np.testing.assert_array_equal(e.transform(Xc), Xc)
+
+
+def test_lsar_int_override_on_float32_centred_data_warns():
+    """An int n_components overrides the rounding cut; on data centred in float32 the removed
+    directions are rounding noise, and the fit must say so (regression review)."""
+    from posthoc_align import LSAR
+
+    rng = np.random.default_rng(0)
+    L, n, d = 4, 200, 16
+    X = (rng.normal(size=(L * n, d)) + 1.0).astype(np.float32)
+    langs = np.repeat(np.arange(L), n)
+    for g in range(L):
+        X[langs == g] -= X[langs == g].mean(0, dtype=np.float32)
+    with pytest.warns(UserWarning, match="within the rounding of the input"):
+        est = LSAR(n_components=3).fit(X, languages=langs)
+    assert est.n_components_ == 3
